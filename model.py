@@ -520,7 +520,8 @@ def generate(lm, inputs_embeds, attention_mask=None, max_new_tokens=64, temperat
     logits = lm.lm_head(logits)
     position = positions[:, -1:]
     step = step or decode_step
-    pad = eos_token_id if pad_token_id is None else pad_token_id
+    eos = torch.tensor(eos_token_id, device=device).flatten()  # one id or several (e.g. SmolVLM's)
+    pad = int(eos[0]) if pad_token_id is None else pad_token_id
     done = torch.zeros(B, dtype=torch.bool, device=device)
     out = []
     for i in range(max_new_tokens):
@@ -529,7 +530,7 @@ def generate(lm, inputs_embeds, attention_mask=None, max_new_tokens=64, temperat
         out.append(token)
         if on_token is not None:
             on_token(token)
-        done |= token == eos_token_id
+        done |= torch.isin(token, eos)
         if bool(done.all()) or i == max_new_tokens - 1:
             break
         segments[:, T + i] = 1
@@ -596,7 +597,7 @@ class Processor:
                                          replace_extra_special_tokens=False)
         self.tokenizer = tokenizer
         self.image_size, self.tokens_per_image = image_size, tokens_per_image
-        self.splitting, self.longest_edge = splitting, longest_edge or 4 * image_size
+        self.splitting, self.longest_edge = splitting, longest_edge
         self.resample, self.mean, self.std = resample, list(mean), list(std)
         self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
 
@@ -604,6 +605,12 @@ class Processor:
         return {"image_size": self.image_size, "tokens_per_image": self.tokens_per_image,
                 "splitting": self.splitting, "longest_edge": self.longest_edge,
                 "resample": self.resample, "mean": self.mean, "std": self.std}
+
+    @property
+    def stop_ids(self):
+        """Tokens that end an answer: the tokenizer's EOS and, for SmolVLM, <end_of_utterance>."""
+        vocab = self.tokenizer.get_vocab()
+        return [self.tokenizer.eos_token_id] + [vocab[t] for t in ("<end_of_utterance>",) if t in vocab]
 
     def save_pretrained(self, path):
         os.makedirs(path, exist_ok=True)
@@ -619,13 +626,17 @@ class Processor:
         ours = os.path.join(path, "processor.json")
         if os.path.exists(ours):
             return cls(tokenizer, **read_json(ours))
+        for name in ("chat_template.jinja", "chat_template.json"):  # SmolVLM keeps it beside the tokenizer
+            if os.path.exists(os.path.join(path, name)) and not tokenizer.chat_template:
+                text = open(os.path.join(path, name)).read()
+                tokenizer.chat_template = json.loads(text)["chat_template"] if name.endswith("json") else text
         pre = read_json(os.path.join(path, "preprocessor_config.json"))
         config = read_json(os.path.join(path, "config.json"))
         v = config["vision_config"]
         size = pre.get("max_image_size", {}).get("longest_edge", v["image_size"])
         return cls(tokenizer, size, (size // v["patch_size"]) ** 2 // config.get("scale_factor", 2) ** 2,
                    splitting=pre.get("do_image_splitting", True),
-                   longest_edge=pre.get("size", {}).get("longest_edge"),
+                   longest_edge=pre.get("size", {}).get("longest_edge") if pre.get("do_resize", True) else None,
                    resample={1: "lanczos", 2: "bilinear", 3: "bicubic"}[pre.get("resample", 1)],
                    mean=pre.get("image_mean", [0.5] * 3), std=pre.get("image_std", [0.5] * 3))
 
@@ -641,20 +652,22 @@ class Processor:
         return (x - torch.tensor(self.mean)[:, None, None]) / torch.tensor(self.std)[:, None, None]
 
     def tiles(self, image):
-        """-> (list of square PIL tiles, rows, cols). Without splitting: one resized image, (0, 0).
-        With splitting (SmolVLM): cap the longest edge, round both sides up to whole tiles (the
-        short side keeping the aspect ratio), cut row by row, then append the global image."""
+        """-> (list of square PIL tiles, rows, cols); (0, 0) when the image is not split.
+        SmolVLM first caps the longest edge (`longest_edge`, aspect ratio kept, even sides);
+        SigLIP (longest_edge None) resizes straight to the square. Splitting then rounds both
+        sides up to whole tiles, cuts them row by row and appends the downscaled global image."""
         img, s = load_image(image), self.image_size
+        if self.longest_edge:
+            w, h = img.size
+            if w >= h:
+                w, h = self.longest_edge, int(self.longest_edge / (w / h))
+                h += h % 2
+            else:
+                w, h = int(self.longest_edge * (w / h)), self.longest_edge
+                w += w % 2
+            img = self._resize(img, max(w, 1), max(h, 1))
         if not self.splitting:
             return [self._resize(img, s, s)], 0, 0
-        w, h = img.size
-        if w >= h:  # longest edge -> longest_edge, the other side rounded up to an even number
-            w2, h2 = self.longest_edge, int(self.longest_edge / (w / h))
-            h2 += h2 % 2
-        else:
-            h2, w2 = self.longest_edge, int(self.longest_edge * (w / h))
-            w2 += w2 % 2
-        img = self._resize(img, max(w2, 1), max(h2, 1))
         w, h = img.size
         if w >= h:
             w2 = math.ceil(w / s) * s
@@ -678,6 +691,9 @@ class Processor:
         messages = [dict(m) for m in messages]
         first_user = next(i for i, m in enumerate(messages) if m["role"] == "user")
         messages[first_user]["content"] = IMAGE_TOKEN * n_images + messages[first_user]["content"]
+        if "['type']" in (self.tokenizer.chat_template or ""):  # SmolVLM's template wants content parts
+            messages = [{"role": m["role"], "content": [{"type": "image"}] * m["content"].count(IMAGE_TOKEN) +
+                         [{"type": "text", "text": m["content"].replace(IMAGE_TOKEN, "")}]} for m in messages]
         return self.tokenizer.apply_chat_template(messages, tokenize=False,
                                                   add_generation_prompt=add_generation_prompt)
 
@@ -987,9 +1003,9 @@ def export_smolvlm(vlm, path, processor):
     processor.tokenizer.save_pretrained(path)
     atomic_write(os.path.join(path, "preprocessor_config.json"), json.dumps({
         "image_processor_type": "SmolVLMImageProcessor", "processor_class": "SmolVLMProcessor",
-        "do_convert_rgb": True, "do_resize": True, "do_rescale": True, "rescale_factor": 1 / 255,
+        "do_convert_rgb": True, "do_resize": bool(processor.longest_edge), "do_rescale": True, "rescale_factor": 1 / 255,
         "do_normalize": True, "do_pad": True, "image_mean": processor.mean, "image_std": processor.std,
-        "do_image_splitting": processor.splitting, "size": {"longest_edge": processor.longest_edge},
+        "do_image_splitting": processor.splitting, "size": {"longest_edge": processor.longest_edge or 4 * processor.image_size},
         "max_image_size": {"longest_edge": processor.image_size},
         "resample": {"lanczos": 1, "bilinear": 2, "bicubic": 3}[processor.resample]}, indent=2))
     atomic_write(os.path.join(path, "processor_config.json"), json.dumps({

@@ -1,0 +1,310 @@
+"""Tests for prepare_data.py: synthetic generation, converters, CLI errors, atomic writes."""
+
+import hashlib
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+import prepare_data as pd
+
+SCRIPT = Path(__file__).with_name("prepare_data.py")
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+def digest(path):
+    return hashlib.sha1(Path(path).read_bytes()).hexdigest()
+
+
+def save_png(path, color=(200, 30, 30), size=(16, 12)):
+    Image.new("RGB", size, color).save(path)
+    return path
+
+
+def cli(*args, cwd=None):
+    return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], capture_output=True, text=True, cwd=cwd)
+
+
+def assert_error_line(result, text):
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and text in lines[0], result.stderr
+
+
+def assert_valid_dataset(jsonl):
+    records = pd.load_records(jsonl)
+    for r in records:
+        assert set(r) == {"images", "messages", "type"}
+        assert all(Path(p).is_absolute() and Path(p).is_file() for p in r["images"])
+        assert [m["role"] for m in r["messages"]] == ["user", "assistant"] * (len(r["messages"]) // 2)
+        assert all(m["content"] for m in r["messages"][1::2])
+    assert not list(Path(jsonl).parent.rglob("*.tmp"))
+    return records
+
+
+# ----------------------------------------------------------------------------- synthetic
+
+def test_make_sample_deterministic_and_seeded():
+    for i in range(14):
+        a, b = pd.make_sample(i, seed=3), pd.make_sample(i, seed=3)
+        assert a[0].tobytes() == b[0].tobytes() and a[1:] == b[1:]
+    assert any(pd.make_sample(i, seed=3)[0].tobytes() != pd.make_sample(i, seed=4)[0].tobytes() for i in range(7))
+
+
+def test_make_sample_answers():
+    allowed = {"color": set(pd.COLORS), "shape": set(pd.SHAPES), "count": {"1", "2", "3", "4", "5"},
+               "position": {"left", "right", "above", "below"}, "text": {w.lower() for w in pd.WORDS}}
+    seen = set()
+    for i in range(140):
+        img, question, answer, qtype = pd.make_sample(i, seed=0, image_size=48)
+        seen.add(qtype)
+        assert img.size == (48, 48) and img.mode == "RGB"
+        assert question and answer and answer == answer.strip()
+        if qtype == "caption":
+            assert answer[0].isupper() and answer.endswith(" background.")
+        else:
+            assert answer == answer.lower() and not answer.endswith(".")
+        if qtype == "size":  # the answer is one of the two colours named in the question
+            assert answer in pd.COLORS and f"the {answer} " in question
+        else:
+            assert qtype == "caption" or answer in allowed[qtype]
+    assert seen == set(pd.TYPES)
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    out = tmp_path_factory.mktemp("synth")
+    pd.build_synthetic(out, n_train=60, n_val=14, n_test=14, seed=1, image_size=32, workers=1)
+    return out
+
+
+def test_build_synthetic(synth):
+    splits = {s: assert_valid_dataset(synth / f"{s}.jsonl") for s in ("train", "val", "test")}
+    assert [len(splits[s]) for s in ("train", "val", "test")] == [60, 14, 14]
+    assert {r["type"] for r in splits["train"]} == set(pd.TYPES)
+    for r in splits["train"]:
+        assert len(r["images"]) == 1 and len(r["messages"]) == 2
+        assert Image.open(r["images"][0]).size == (32, 32)
+    # disjoint: no shared files and no identical images across splits
+    hashes = {s: {digest(r["images"][0]) for r in recs} for s, recs in splits.items()}
+    assert not (hashes["train"] & hashes["val"] or hashes["train"] & hashes["test"] or hashes["val"] & hashes["test"])
+    paths = [r["images"][0] for recs in splits.values() for r in recs]
+    assert len(set(paths)) == len(paths)
+
+
+def test_build_synthetic_reproducible_across_workers_and_sizes(synth, tmp_path):
+    # other worker count and other train size: the same seed must give the same val set and train prefix
+    pd.build_synthetic(tmp_path, n_train=20, n_val=14, n_test=0, seed=1, image_size=32, workers=2)
+    assert (tmp_path / "val.jsonl").read_bytes() == (synth / "val.jsonl").read_bytes()
+    assert read_jsonl(tmp_path / "train.jsonl") == read_jsonl(synth / "train.jsonl")[:20]
+    for new, old in zip(pd.load_records(tmp_path / "val.jsonl"), pd.load_records(synth / "val.jsonl")):
+        assert digest(new["images"][0]) == digest(old["images"][0])
+    assert not (tmp_path / "test.jsonl").exists()
+
+
+def test_synthetic_failure_keeps_old_file(tmp_path, monkeypatch):
+    (tmp_path / "train.jsonl").write_text("old\n")
+    real = pd.make_sample
+
+    def flaky(index, *args):
+        if index == 5:
+            raise RuntimeError("boom")
+        return real(index, *args)
+
+    monkeypatch.setattr(pd, "make_sample", flaky)
+    with pytest.raises(RuntimeError):
+        pd.build_synthetic(tmp_path, n_train=10, n_val=0, n_test=0, workers=1)
+    assert (tmp_path / "train.jsonl").read_text() == "old\n"
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
+# ----------------------------------------------------------------------------- converters
+
+@pytest.fixture
+def images(tmp_path):
+    """A source image folder with good, shared, corrupt and truncated files."""
+    src = tmp_path / "src"
+    src.mkdir()
+    save_png(src / "a.png", (255, 0, 0))
+    save_png(src / "b.png", (0, 0, 255))
+    Image.new("RGB", (64, 64), (0, 200, 0)).save(src / "c.jpg", quality=90)
+    (src / "corrupt.png").write_bytes(b"definitely not an image")
+    jpeg = (src / "c.jpg").read_bytes()
+    (src / "truncated.jpg").write_bytes(jpeg[: len(jpeg) // 2])
+    return src
+
+
+def test_coco(images, tmp_path, capsys):
+    names = ["a.png", "b.png", "c.jpg", "gone.png", "corrupt.png"]
+    coco = {"images": [{"id": i, "file_name": n} for i, n in enumerate(names)],
+            "annotations": [
+                {"image_id": 0, "caption": " A red image.\n"},
+                {"image_id": 0, "caption": "Red again."},  # same image: stored once
+                {"image_id": 1, "caption": "Blue."},
+                {"image_id": 2, "caption": "Green jpeg."},
+                {"image_id": 3, "caption": "The file is missing."},
+                {"image_id": 99, "caption": "Unknown image id."},
+                {"image_id": 4, "caption": "Corrupt file."},
+                {"image_id": 1, "caption": "   "},
+                {"image_id": 1},
+                {"image_id": 1, "caption": 7},
+            ]}
+    (tmp_path / "captions.json").write_text(json.dumps(coco))
+    out = tmp_path / "out"
+    summary = pd.convert_coco(tmp_path / "captions.json", images, out)
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line == (f"wrote 4 records to {out / 'train.jsonl'}; "
+                    "skipped 6 (bad image: 1, bad schema: 2, empty answer: 1, missing image: 2)")
+    assert summary.written == 4
+    records = assert_valid_dataset(out / "train.jsonl")
+    assert [r["messages"][1]["content"] for r in records] == ["A red image.", "Red again.", "Blue.", "Green jpeg."]
+    assert all(r["type"] == "coco" and r["messages"][0]["content"] == "Describe the image." for r in records)
+    assert records[0]["images"] == records[1]["images"]
+    assert records[3]["images"][0].endswith(".jpg")
+    assert len(list((out / "images").iterdir())) == 3
+    assert digest(records[2]["images"][0]) == digest(images / "b.png")
+
+
+def test_llava(images, tmp_path, capsys):
+    def turn(who, text):
+        return {"from": who, "value": text}
+    data = [
+        {"id": "1", "image": "a.png", "conversations": [turn("human", "<image>\nWhat colour?"), turn("gpt", "Red.")]},
+        {"id": "2", "image": "b.png", "conversations": [
+            turn("human", "What is this?\n<image>"), turn("gpt", "A square."),
+            turn("human", "Sure?"), turn("gpt", "Yes.")]},
+        {"id": "3", "conversations": [turn("human", "Hi"), turn("gpt", "Hello")]},  # text-only
+        {"id": "4", "image": "gone.png", "conversations": [turn("human", "<image>\nQ"), turn("gpt", "A")]},
+        {"id": "5", "image": "a.png", "conversations": [turn("human", "<image>\nQ"), turn("gpt", "")]},
+        {"id": "6", "image": "a.png", "conversations": [turn("human", "<image>\nQ"), turn("bot", "A")]},
+        {"id": "7", "image": "a.png", "conversations": "nope"},
+        "not even a dict",
+    ]
+    (tmp_path / "llava.json").write_text(json.dumps(data))
+    pd.convert_llava(tmp_path / "llava.json", images, tmp_path / "out", split="val")
+    assert capsys.readouterr().out.strip().endswith("skipped 5 (bad schema: 3, empty answer: 1, missing image: 1)")
+    records = assert_valid_dataset(tmp_path / "out" / "val.jsonl")
+    assert [m["content"] for m in records[0]["messages"]] == ["What colour?", "Red."]
+    assert [m["content"] for m in records[1]["messages"]] == ["What is this?", "A square.", "Sure?", "Yes."]
+    assert records[2]["images"] == [] and records[2]["messages"][0] == {"role": "user", "content": "Hi"}
+    assert {r["type"] for r in records} == {"llava"}
+
+
+def test_folder(images, tmp_path, capsys):
+    for name, text in [("a", "a red picture\n"), ("c", "a green picture"), ("corrupt", "x"),
+                       ("truncated", "half a jpeg"), ("b", "")]:
+        (images / f"{name}.txt").write_text(text)
+    sub = images / "nested"
+    sub.mkdir()
+    save_png(sub / "d.png")
+    (sub / "d.txt").write_text("nested")
+    save_png(images / "nocaption.png")
+    out = tmp_path / "out"
+    pd.convert_folder(images, out)
+    summary = capsys.readouterr().out.strip()
+    assert summary.endswith("skipped 4 (bad image: 2, empty answer: 1, missing caption: 1)")
+    records = assert_valid_dataset(out / "train.jsonl")
+    assert [r["messages"][1]["content"] for r in records] == ["a red picture", "a green picture", "nested"]
+    assert {r["type"] for r in records} == {"folder"}
+
+
+def test_hf_rows_offline(tmp_path, capsys):
+    red, blue = Image.new("RGB", (8, 8), "red"), Image.new("RGBA", (8, 8), "blue")
+    cauldron = [
+        {"images": [red, blue], "texts": [{"user": "Q1", "assistant": "A1", "source": "x"},
+                                          {"user": "Q2", "assistant": "A2", "source": "x"}]},
+        {"images": [red], "texts": [{"user": "Q", "assistant": " "}]},
+        {"images": [None], "texts": [{"user": "Q", "assistant": "A"}]},
+    ]
+    pd.convert_hf_rows(cauldron, tmp_path / "c")
+    assert capsys.readouterr().out.strip().endswith("skipped 2 (empty answer: 1, missing image: 1)")
+    (record,) = assert_valid_dataset(tmp_path / "c" / "train.jsonl")
+    assert len(record["images"]) == 2 and len(record["messages"]) == 4 and record["type"] == "hf"
+    assert Image.open(record["images"][1]).getpixel((0, 0)) == (0, 0, 255, 255)
+
+    captioned = [{"image": red, "caption": "a red square"}, {"image": blue, "caption": ["one", "two"]},
+                 {"image": red}, {"image": None, "caption": "no image"}]
+    pd.convert_hf_rows(captioned, tmp_path / "t", prompt="What is it?", limit=10)
+    assert capsys.readouterr().out.strip().endswith("skipped 2 (bad schema: 1, missing image: 1)")
+    records = assert_valid_dataset(tmp_path / "t" / "train.jsonl")
+    assert [[m["content"] for m in r["messages"]] for r in records] == [
+        ["What is it?", "a red square"], ["What is it?", "one"], ["What is it?", "two"]]
+
+
+def test_hf_datasets_object(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    ds = datasets.Dataset.from_dict({"img": [Image.new("RGB", (8, 8), c) for c in ("red", "green")],
+                                     "label": ["red", "green"]})
+    pd.convert_hf_rows(ds, tmp_path, image_column="img", text_column="label", total=len(ds))
+    records = assert_valid_dataset(tmp_path / "train.jsonl")
+    assert [r["messages"][1]["content"] for r in records] == ["red", "green"]
+
+
+def test_converter_failure_keeps_old_file(images, tmp_path, monkeypatch):
+    coco = {"images": [{"id": 0, "file_name": "a.png"}, {"id": 1, "file_name": "b.png"}],
+            "annotations": [{"image_id": 0, "caption": "x"}, {"image_id": 1, "caption": "y"}]}
+    (tmp_path / "captions.json").write_text(json.dumps(coco))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "train.jsonl").write_text("precious\n")
+    real, calls = pd.store_image, []
+
+    def fail_second(ref, out_dir):
+        calls.append(ref)
+        if len(calls) == 2:
+            raise RuntimeError("disk on fire")
+        return real(ref, out_dir)
+
+    monkeypatch.setattr(pd, "store_image", fail_second)
+    with pytest.raises(RuntimeError):
+        pd.convert_coco(tmp_path / "captions.json", images, out)
+    assert (out / "train.jsonl").read_text() == "precious\n"
+    assert not list(out.rglob("*.tmp"))
+
+
+def test_load_records_resolves_paths(tmp_path, monkeypatch):
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "train.jsonl").write_text(
+        json.dumps({"images": ["images/x.png"], "messages": [], "type": "t"}) + "\n\n")
+    monkeypatch.chdir(tmp_path)
+    (record,) = pd.load_records("d/train.jsonl")
+    assert record["images"] == [str(tmp_path / "d" / "images" / "x.png")] and record["type"] == "t"
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def test_cli_help():
+    for args in ([], ["coco"], ["hf"]):
+        result = cli(*args, "--help")
+        assert result.returncode == 0 and "usage:" in result.stdout
+
+
+def test_cli_bad_inputs(tmp_path):
+    assert_error_line(cli("coco", "--captions", tmp_path / "nope.json", "--images", tmp_path, "--out", tmp_path / "o"),
+                      "not found")
+    (tmp_path / "bad.json").write_text("{not json")
+    assert_error_line(cli("llava", "--json", tmp_path / "bad.json", "--images", tmp_path, "--out", tmp_path / "o"),
+                      "cannot read")
+    assert_error_line(cli("folder", "--images", tmp_path / "missing", "--out", tmp_path / "o"), "not found")
+    assert cli("coco", "--out", tmp_path).returncode == 2  # argparse: missing required arguments
+    assert not (tmp_path / "o" / "train.jsonl").exists()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("datasets") is not None, reason="datasets is installed")
+def test_cli_hf_without_datasets(tmp_path):
+    assert_error_line(cli("hf", "--dataset", "x/y", "--out", tmp_path), "pip install datasets")
+
+
+def test_cli_synthetic_default_subcommand(tmp_path):
+    result = cli("--out", tmp_path, "--train", 7, "--val", 2, "--test", 0, "--workers", 1)
+    assert result.returncode == 0, result.stderr
+    assert f"wrote 7 records to {tmp_path / 'train.jsonl'}" in result.stdout
+    assert len(assert_valid_dataset(tmp_path / "train.jsonl")) == 7
