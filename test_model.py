@@ -149,6 +149,53 @@ def test_llama_sharded_checkpoint(tmp_path):
         assert max_diff(LanguageModel.from_pretrained(tmp_path)(ids), ref(ids).logits) <= 1e-4
 
 
+def test_gguf_tensor_types_and_unpermute(tmp_path):
+    """A tiny Llama written as GGUF with F32/F16/BF16/Q8_0/Q4_0/Q4_1 tensors and q/k in llama.cpp's
+    RoPE layout loads back to the same model (reference: transformers on the same rounded weights)."""
+    import gguf
+    import numpy as np
+    from transformers import LlamaConfig, LlamaForCausalLM
+    Q = gguf.GGMLQuantizationType
+    ref = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, vocab_size=64,
+                                       tie_word_embeddings=False, rms_norm_eps=1e-5)).eval()
+    w = gguf.GGUFWriter(str(tmp_path / "tiny.gguf"), "llama")
+    for add, value in ((w.add_block_count, 2), (w.add_embedding_length, 64), (w.add_feed_forward_length, 96),
+                       (w.add_head_count, 4), (w.add_head_count_kv, 2), (w.add_rope_freq_base, 10000.0),
+                       (w.add_layer_norm_rms_eps, 1e-5), (w.add_context_length, 128)):
+        add(value)
+    w.add_token_list([f"t{i}" for i in range(64)])
+    types = {"attn_q": Q.F16, "attn_k": Q.BF16, "attn_v": Q.Q4_0, "attn_output": Q.Q8_0, "ffn_gate": Q.Q4_1,
+             "ffn_up": Q.Q8_0, "ffn_down": Q.F32, "token_embd": Q.Q8_0, "output": Q.Q4_0}  # norms: F32
+    rounded = {}
+    state = ref.state_dict()
+    gguf_names = ["token_embd.weight", "output_norm.weight", "output.weight"] + [
+        f"blk.{i}.{k}.weight" for i in range(2) for k in M.GGUF_NAMES]
+    for g in gguf_names:
+        name = M.gguf_hf_name(g)  # every HF tensor must be produced exactly once (checked below)
+        t, kind = state[name], g.split(".")[-2]
+        a = t.numpy()
+        qtype = Q.F32 if a.ndim == 1 else types[kind]
+        heads = {"attn_q": 4, "attn_k": 2}.get(kind)
+        if heads:  # into llama.cpp's layout: rotary pairs interleaved per head
+            a = a.reshape(heads, 2, 8, 64).swapaxes(1, 2).reshape(a.shape)
+        data = gguf.quants.quantize(a, qtype) if qtype != Q.F32 else a
+        w.add_tensor(g, data, raw_dtype=qtype)
+        back = torch.from_numpy(gguf.quants.dequantize(data, qtype).copy()).reshape(t.shape)
+        rounded[name] = back.view(heads, 8, 2, 64).transpose(1, 2).reshape(t.shape) if heads else back
+    assert rounded.keys() == state.keys()
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    ref.load_state_dict(rounded)
+    lm = LanguageModel.from_pretrained(str(tmp_path / "tiny.gguf"))
+    assert not lm.cfg.lm_tie_embeddings
+    ids = torch.randint(0, 64, (1, 20))
+    with torch.no_grad():
+        assert max_diff(lm(ids), ref(ids).logits) <= 1e-4
+
+
 def test_gguf_matches_transformers(smollm, hf_smollm, tokenizer):
     ids = torch.tensor([tokenizer.encode("The quick brown fox jumps over the lazy dog. " * 4)])
     with torch.no_grad():
@@ -222,6 +269,17 @@ def test_packed_segments_do_not_attend_across():
     packed = lm(torch.cat([a, b], 1), attention_mask=torch.tensor([[1] * 7 + [2] * 5]))
     assert max_diff(packed[:, :7], lm(a)) <= 1e-5
     assert max_diff(packed[:, 7:], lm(b)) <= 1e-5
+
+
+def test_resize_vocab_keeps_old_tokens():
+    lm = tiny_vlm(vocab=300).lm
+    ids = torch.randint(0, 300, (1, 9))
+    before = lm(ids)
+    lm.resize_vocab(310)
+    after = lm(ids)
+    assert after.shape[-1] == 310 and lm.lm_head.weight is lm.tok_embed.weight  # still tied
+    assert max_diff(after[..., :300], before) == 0.0
+    assert torch.allclose(lm.tok_embed.weight[305], lm.tok_embed.weight[:300].mean(0))  # new rows: the mean
 
 
 # ----------------------------------------------------------------------------- VLM
