@@ -62,7 +62,7 @@ def test_packed_batch_equals_padded(data):
     cfg = train.parse_args(["--config", "tiny"])
     torch.manual_seed(0)
     vlm, processor = train.build(cfg)
-    ds = train.ChatDataset(os.path.join(data, "train.jsonl"), processor, "")
+    ds = train.ChatDataset(train.read_split(os.path.join(data, "train.jsonl")), processor)
     samples = [ds[i] for i in range(4)]
     padded, packed = train.collate(samples), train.collate(samples, pack=True, max_len=10_000)
     assert packed["input_ids"].shape[0] == 1 and padded["input_ids"].shape[0] == 4

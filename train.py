@@ -60,7 +60,7 @@ class TrainConfig:
     min_lr_ratio: float = 0.1     # cosine decays to this fraction of each learning rate
     weight_decay: float = 0.01
     grad_clip: float = 1.0
-    system_prompt: str = ""       # "" keeps prompts short; the template's default costs ~20 tokens
+    system_prompt: str = ""       # "" keeps prompts short (SmolLM2's default one is ~20 tokens); kept in processor.json
     pack: bool = False            # pack samples into rows of max_len tokens (attention kept per sample)
     max_len: int = 256
     # runtime
@@ -122,13 +122,8 @@ def parse_args(argv):
 class ChatDataset(torch.utils.data.Dataset):
     """prepare_data.py records -> (input_ids, labels, pixel tiles); None for an unreadable image."""
 
-    def __init__(self, path, processor, system_prompt):
-        from prepare_data import load_records
-        if not os.path.exists(path):
-            raise UsageError(f"{path}: missing (run python prepare_data.py, or pass --data DIR)")
-        self.records, self.processor, self.system = load_records(path), processor, system_prompt
-        if not self.records:
-            raise UsageError(f"{path}: no records")
+    def __init__(self, records, processor):
+        self.records, self.processor = records, processor
 
     def __len__(self):
         return len(self.records)
@@ -136,11 +131,23 @@ class ChatDataset(torch.utils.data.Dataset):
     def __getitem__(self, i):
         r = self.records[i]
         try:
-            ids, labels, pixels = self.processor.encode_chat(
-                [{"role": "system", "content": self.system}] + r["messages"], r["images"])
+            ids, labels, pixels = self.processor.encode_chat(r["messages"], r["images"])
         except M.CheckpointError:  # a corrupt or missing image: skipped and counted by the loop
             return None
         return ids, labels, pixels
+
+
+def read_split(path):
+    from prepare_data import load_records
+    if not os.path.exists(path):
+        raise UsageError(f"{path}: missing (run python prepare_data.py, or pass --data DIR)")
+    try:
+        records = load_records(path)
+    except (json.JSONDecodeError, KeyError) as e:
+        raise UsageError(f"{path}: not a prepare_data.py jsonl ({e})") from None
+    if not records:
+        raise UsageError(f"{path}: no records")
+    return records
 
 
 def collate(samples, pack=False, max_len=256):
@@ -214,7 +221,7 @@ def build(cfg: TrainConfig):
             vit_pos_embed=cfg.vit_pos_embed))
     v = vision.cfg
     tokens = (v.vit_image_size // v.vit_patch_size) ** 2 // cfg.pixel_shuffle ** 2
-    processor = M.Processor(tokenizer, v.vit_image_size, tokens)  # adds the image tokens
+    processor = M.Processor(tokenizer, v.vit_image_size, tokens, system_prompt=cfg.system_prompt)  # + image tokens
     lm.resize_vocab(len(tokenizer))
     vlm_cfg = M.VLMConfig(vision=v, lm=lm.cfg, mp_pixel_shuffle=cfg.pixel_shuffle,
                           image_token_id=processor.image_token_id)
@@ -253,8 +260,7 @@ def lr_factor(step, cfg):
 def evaluate(vlm, processor, records, cfg, device, amp):
     """Validation loss and greedy exact-match accuracy per question type."""
     vlm.eval()
-    data = ChatDataset.__new__(ChatDataset)
-    data.records, data.processor, data.system = records, processor, cfg.system_prompt
+    data = ChatDataset(records, processor)
     losses, hits, counts = [], Counter(), Counter()
     for i in range(0, len(records), cfg.batch_size):
         chunk = records[i:i + cfg.batch_size]
@@ -262,8 +268,7 @@ def evaluate(vlm, processor, records, cfg, device, amp):
         with amp:
             _, loss = vlm(**to(batch, device))
         losses.append(loss.item())
-        prompts = [processor.chat_prompt([{"role": "system", "content": cfg.system_prompt}, r["messages"][0]],
-                                         len(r["images"])) for r in chunk]
+        prompts = [processor.chat_prompt(r["messages"][:1], len(r["images"])) for r in chunk]
         try:
             inputs = to(processor(prompts, [r["images"] for r in chunk]), device)
         except M.CheckpointError:
@@ -379,14 +384,13 @@ def main(argv=None):
     if use_compile:
         model = torch.compile(model)  # after DDP, so DDP's bucketing sees the compiled graph's gradients
 
-    train_set = ChatDataset(train_path, processor, cfg.system_prompt)
+    train_set = ChatDataset(read_split(train_path), processor)
     sampler = StepSampler(len(train_set), cfg.batch_size, rank, world, cfg.seed,
                           start_step * cfg.grad_accum, cfg.max_steps * cfg.grad_accum)
     loader = torch.utils.data.DataLoader(
         train_set, batch_sampler=sampler, num_workers=cfg.workers, pin_memory=device.type == "cuda",
         collate_fn=lambda s: collate(s, cfg.pack, cfg.max_len))
-    from prepare_data import load_records
-    val_records = load_records(val_path)[:cfg.eval_samples] if os.path.exists(val_path) else []
+    val_records = read_split(val_path)[:cfg.eval_samples] if os.path.exists(val_path) else []
 
     if master:
         os.makedirs(cfg.out_dir, exist_ok=True)
@@ -430,18 +434,20 @@ def main(argv=None):
                 loss_sum += weighted.detach()
             if ddp:
                 dist.all_reduce(loss_sum)
-            if not torch.isfinite(loss_sum):
+            scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(vlm.parameters(), cfg.grad_clip)
+            # a non-finite loss, or (without fp16's GradScaler, which skips those itself) non-finite gradients
+            if not torch.isfinite(loss_sum) or (not scaler.is_enabled() and not torch.isfinite(grad_norm)):
                 optimizer.zero_grad(set_to_none=True)
+                scaler.update()  # fp16: closes this step's unscale_ and lowers the loss scale
                 bad_in_row += 1
                 if master:
-                    tqdm.write(f"step {step}: non-finite loss, step skipped ({bad_in_row} in a row)")
+                    tqdm.write(f"step {step}: non-finite loss or gradients, step skipped ({bad_in_row} in a row)")
                 if bad_in_row >= cfg.max_bad_steps:
                     raise UsageError(f"{bad_in_row} non-finite losses in a row at step {step}: "
                                      "lower the learning rates or use --dtype fp32")
                 continue
             bad_in_row = 0
-            scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(vlm.parameters(), cfg.grad_clip)
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
@@ -482,7 +488,7 @@ def main(argv=None):
     if master:
         save_checkpoint(last, vlm, processor, optimizer, step, {"best_accuracy": best})
         vlm.save_pretrained(cfg.out_dir, processor=processor)  # what generate.py --model out loads
-        eval_records = load_records(test_path)[:cfg.eval_samples] if os.path.exists(test_path) else val_records
+        eval_records = read_split(test_path)[:cfg.eval_samples] if os.path.exists(test_path) else val_records
         if eval_records:
             final = evaluate(vlm, processor, eval_records, cfg, device, amp)
             final.update(wall_s=round(time.time() - t_start, 1), steps=step, skipped_images=skipped_images,
