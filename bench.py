@@ -1,0 +1,374 @@
+"""picoVLM against Hugging Face transformers: the same weights and inputs, in one process.
+
+  python bench.py                  # full run
+  python bench.py --quick          # fewer repeats and tokens (< 3 min on 2 CPU cores)
+  python bench.py --quick --smoke  # tiny random models: checks the script, measures nothing
+  python bench.py --device cuda    # adds training MFU and --compile decoding (CUDA graphs)
+
+Measured:
+  train    forward + backward of the VLM at the nanoVLM-222M shape (SigLIP-B/16-224, pixel
+           shuffle 2, SmolLM2-135M), batch 4 x 128 tokens, loss on the last 32 tokens of each
+           row (both models get the same labels), against SmolVLMForConditionalGeneration
+           holding the same weights (model.export_smolvlm). fp32 vs fp32; "our bf16" = the
+           model cast to bf16 (no autocast) vs transformers under bf16 autocast.
+  prefill  logits of 1 x 256 tokens, SmolLM2-135M from the offline GGUF.
+  decode   batch-1 greedy tokens/s after a 32-token prompt (prefill excluded: time(n+1 tokens)
+           - time(1 token)), against AutoModelForCausalLM(gguf_file=...).generate.
+Runs of the contestants alternate (A B A B ...) and medians are reported, so a machine that
+slows down mid-run slows both. speedup = picoVLM speed / transformers speed (> 1: faster).
+The memory bandwidth is measured (sum of a large tensor), and the decode limit is that
+bandwidth / bytes of weights read per token. The last line is one JSON object.
+
+On a CPU shared with other busy processes, OpenMP threads that spin-wait for each other slow
+everything down many times over (2 threads ran 4-60x slower than 1 here): run with
+OMP_WAIT_POLICY=PASSIVE or --threads 1 there, and read the load average printed first.
+"""
+import argparse
+import copy
+import dataclasses
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+
+import torch
+
+import model as M
+
+PEAK_BF16_TFLOPS = {"H100 PCIe": 756, "H100": 989, "H200": 989, "GH200": 989, "A100": 312, "L40S": 362, "4090": 165}
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def parse_args(argv=None):
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="fewer repeats and new tokens")
+    p.add_argument("--smoke", action="store_true", help="tiny random models (a test of this script)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda if available")
+    p.add_argument("--reps", type=int, default=None, help="A/B repeats per comparison (default 3 quick, 5 full)")
+    p.add_argument("--skip-train", action="store_true", help="only the language-model benchmarks")
+    p.add_argument("--random-weights", action="store_true",
+                   help="SmolLM2-135M shapes with random weights, where the offline GGUF is not installed (speed does not "
+                        "depend on the values; both sides still get the same weights)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer dir for the training benchmark (default: the offline GGUF's)")
+    p.add_argument("--train-batch", type=int, default=64, help="CUDA MFU run: rows of 512 tokens (one image each)")
+    p.add_argument("--peak-tflops", type=float, default=None, help="GPU bf16 peak for MFU (default: from the GPU name)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads (default: torch's, one per core); on a shared machine 1 thread suffers far less "
+                        "from other processes than 2 threads waiting for each other")
+    args = p.parse_args(argv)
+    for flag in ("reps", "train_batch", "threads"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} must be >= 1")
+    args.reps = args.reps or (1 if args.smoke else 3 if args.quick else 5)
+    return args
+
+
+# ----------------------------------------------------------------------------- timing
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device):
+    sync(device)
+    t = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t
+
+
+def alternate(runs, reps, device, warmup=1):
+    """runs: {name: fn() -> seconds}. Warm each up, then run them in turn `reps` times.
+    -> {name: median seconds}."""
+    for fn in runs.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in runs}
+    for _ in range(reps):
+        for name, fn in runs.items():
+            times[name].append(fn())
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def memory_bandwidth(device):
+    """Read bandwidth (bytes/s): summing a tensor far larger than the caches."""
+    x = torch.ones(2 ** (28 if device.type == "cuda" else 26), device=device)  # 1 GiB / 256 MiB
+    seconds = alternate({"sum": lambda: timed(x.sum, device)}, 5, device)["sum"]
+    return x.numel() * x.element_size() / seconds
+
+
+def bytes_per_token(lm):
+    """Bytes of weights one decode step reads: every matrix once. The embedding table counts only
+    when it is also the (tied, unquantised) head; otherwise one row of it is gathered."""
+    tensors = dict(lm.named_parameters()) | dict(lm.named_buffers())
+    if lm.lm_head.weight is not lm.tok_embed.weight:
+        tensors.pop("tok_embed.weight")
+    return sum(t.numel() * t.element_size() for name, t in tensors.items() if ".cache." not in name)
+
+
+def bf16_is_native(device):
+    """bf16 matmuls at full speed? On CPUs without AVX512-BF16/AMX, oneDNN emulates them ~10-50x
+    slower than fp32, which would make a bf16 training step take minutes."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+# ----------------------------------------------------------------------------- language model
+
+def load_lms(args, tmp):
+    """(ours, transformers): SmolLM2-135M from the offline GGUF. With --random-weights (or --smoke:
+    tiny shapes) a random transformers Llama, saved and loaded into ours."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+    if args.smoke or args.random_weights:
+        cfg = M.LanguageConfig(lm_hidden=64, lm_layers=2, lm_heads=4, lm_kv_heads=2, lm_intermediate=128,
+                               lm_vocab=256) if args.smoke else M.LM_PRESETS["smollm2-135m"]
+        torch.manual_seed(0)
+        ref = LlamaForCausalLM(LlamaConfig(**M.lm_config_to_hf(cfg)))
+        ref.save_pretrained(tmp)
+        return M.LanguageModel.from_pretrained(tmp), ref
+    path = M.default_lm_path()
+    ref = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
+                                               dtype=torch.float32)
+    return M.LanguageModel.from_pretrained(path), ref
+
+
+def bench_lm(args, device, results, rows):
+    with tempfile.TemporaryDirectory() as tmp:
+        ours, ref = load_lms(args, tmp)
+    ours, ref = ours.to(device).eval(), ref.to(device).eval()
+    vocab, n_new = ours.cfg.lm_vocab, (16 if args.smoke else 32 if args.quick else 128)
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, vocab, (1, 32), generator=g).to(device)
+    prefill_ids = torch.randint(0, vocab, (1, 256), generator=g).to(device)
+    cache_len = 256  # one cache size for every call: compiled steps keep static shapes
+
+    variants = {"fp32": ours, "bf16": copy.deepcopy(ours).to(torch.bfloat16),
+                "int8": M.quantize_int8(copy.deepcopy(ours))}
+    if device.type == "cpu":  # as generate.py does (fp32 only; after the copies, which keep strides)
+        M.decode_layout(ours)
+
+    def ours_gen(lm, n, fns=(None, None)):
+        prefill, step = fns
+        return lm.generate(prompt, max_new_tokens=n, eos_token_id=-1, cache_len=cache_len, prefill=prefill, step=step)
+
+    def ref_gen(model, n):
+        return model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n, min_new_tokens=n,
+                              do_sample=False, eos_token_id=None, pad_token_id=0)[:, prompt.shape[1]:]
+
+    def decode_seconds(gen):  # n tokens minus 1 token: the prefill cancels out
+        return lambda: timed(lambda: gen(n_new + 1), device) - timed(lambda: gen(1), device)
+
+    with torch.no_grad():
+        same = ours_gen(ours, 16).tolist() == ref_gen(ref, 16).tolist()
+        print(f"greedy tokens identical to transformers (fp32, 16 tokens): {'yes' if same else 'NO'}")
+        results["greedy_tokens_match"] = same
+
+        runs = {"transformers fp32": decode_seconds(lambda n: ref_gen(ref, n))}
+        runs |= {f"picoVLM {k}": decode_seconds(lambda n, k=k: ours_gen(variants[k], n)) for k in variants}
+        # --compile: on CUDA the bf16 step as a CUDA graph (vs transformers bf16); on CPU (not --quick:
+        # inductor takes minutes on 2 cores) the fp32 step
+        compiled = "bf16" if device.type == "cuda" else None if args.quick else "fp32"
+        if compiled == "bf16":
+            ref_bf16 = copy.deepcopy(ref).to(torch.bfloat16)
+            runs["transformers bf16"] = decode_seconds(lambda n: ref_gen(ref_bf16, n))
+        if compiled:
+            fns = M.compile_generation(device)
+            t0 = time.perf_counter()
+            try:
+                ours_gen(variants[compiled], 2, fns)
+                runs[f"picoVLM {compiled} --compile"] = decode_seconds(lambda n: ours_gen(variants[compiled], n, fns))
+                print(f"decode step compiled in {time.perf_counter() - t0:.0f} s")
+            except Exception as e:  # a compiler failure must not cost the other numbers
+                print(f"--compile decode skipped: {type(e).__name__}: {str(e)[:300]}")
+        t0 = time.perf_counter()
+        decode = alternate(runs, args.reps, device)
+        rate = {k: n_new / v for k, v in decode.items()}
+        print(f"decode: {n_new} tokens, {args.reps} alternating runs ({time.perf_counter() - t0:.0f} s)")
+
+        bw = memory_bandwidth(device)
+        limits = {k: bw / bytes_per_token(v) for k, v in variants.items()}
+        for k, v in rate.items():
+            kind = k.split()[1]
+            rows.append(("decode tokens/s", k, f"{v:.1f}", f"{v / rate['transformers fp32']:.2f}x",
+                         f"{v / limits[kind]:.0%} of {limits[kind]:.0f}" if k.startswith("picoVLM") else ""))
+        results.update(memory_bandwidth_gb_s=bw / 1e9, bandwidth_limit_tokens_per_s=limits["fp32"],
+                       bandwidth_limit_bf16_tokens_per_s=limits["bf16"], bandwidth_limit_int8_tokens_per_s=limits["int8"],
+                       decode_tokens_per_s=rate["picoVLM fp32"], decode_transformers_tokens_per_s=rate["transformers fp32"],
+                       decode_bf16_tokens_per_s=rate["picoVLM bf16"], decode_int8_tokens_per_s=rate["picoVLM int8"],
+                       **{f"decode_{k}_speedup": rate[f"picoVLM {k}"] / rate["transformers fp32"] for k in variants})
+        if f"picoVLM {compiled} --compile" in rate:
+            results["decode_compiled_tokens_per_s"] = rate[f"picoVLM {compiled} --compile"]
+            results["decode_compile_speedup"] = rate[f"picoVLM {compiled} --compile"] / rate[f"transformers {compiled}"]
+
+        # prefill: logits of all 256 positions from both; bf16/int8 only where bf16 matmuls are native
+        runs = {"transformers fp32": lambda: timed(lambda: ref(prefill_ids), device),
+                "picoVLM fp32": lambda: timed(lambda: ours(prefill_ids), device)}
+        for k in ("bf16", "int8") if bf16_is_native(device) or args.smoke else ():
+            runs[f"picoVLM {k}"] = lambda m=variants[k]: timed(lambda: m(prefill_ids), device)
+        prefill = alternate(runs, args.reps, device)
+        for k, v in prefill.items():
+            rows.append(("prefill 1x256 ms", k, f"{v * 1e3:.0f}", f"{prefill['transformers fp32'] / v:.2f}x", ""))
+        results["prefill_speedup"] = prefill["transformers fp32"] / prefill["picoVLM fp32"]
+
+
+# ----------------------------------------------------------------------------- training step
+
+def vlm_config(smoke, tokenizer, image_token_id):
+    if smoke:
+        vision = M.VisionConfig(vit_image_size=32, vit_patch_size=8, vit_depth=2, vit_width=32, vit_heads=2, vit_mlp_dim=64)
+        lm = M.LanguageConfig(lm_hidden=48, lm_layers=2, lm_heads=4, lm_kv_heads=2, lm_intermediate=96)
+    else:  # nanoVLM-222M
+        vision, lm = M.VISION_PRESETS["siglip-b16-224"], M.LM_PRESETS["smollm2-135m"]
+    return M.VLMConfig(vision=vision, lm=dataclasses.replace(lm, lm_vocab=len(tokenizer)),
+                       mp_pixel_shuffle=2, image_token_id=image_token_id)
+
+
+def train_batch(cfg, rows, length, supervised, device, generator):
+    """rows x length tokens, one image's tokens after the first, loss on the last `supervised`."""
+    ids = torch.randint(0, 49152, (rows, length), generator=generator)
+    ids[:, 1:1 + cfg.image_tokens] = cfg.image_token_id
+    labels = torch.full_like(ids, -100)
+    labels[:, -supervised:] = ids[:, -supervised:]
+    s = cfg.vision.vit_image_size
+    return ids.to(device), torch.randn(rows, 3, s, s, generator=generator).to(device), labels.to(device)
+
+
+def train_flops(cfg, rows, length, supervised):
+    """Forward + backward FLOPs: 6 x params x tokens for every matmul, plus attention
+    (QK^T and AV: 12 x layers x width x tokens^2 per sequence, the PaLM/nanoGPT convention)."""
+    v, lm = cfg.vision, cfg.lm
+    n_vit = v.vit_depth * (4 * v.vit_width ** 2 + 2 * v.vit_width * v.vit_mlp_dim)
+    n_lm = lm.lm_layers * (lm.lm_hidden * (lm.lm_heads + 2 * lm.lm_kv_heads) * lm.head_dim
+                           + lm.lm_heads * lm.head_dim * lm.lm_hidden + 3 * lm.lm_hidden * lm.lm_intermediate)
+    p = v.num_patches
+    return rows * (6 * n_vit * p + 12 * v.vit_depth * v.vit_width * p ** 2
+                   + 6 * v.vit_width * cfg.mp_pixel_shuffle ** 2 * lm.lm_hidden * cfg.image_tokens
+                   + 6 * n_lm * length + 12 * lm.lm_layers * lm.lm_hidden * length ** 2
+                   + 6 * lm.lm_hidden * lm.lm_vocab * supervised)
+
+
+def vlm_setup(args):
+    """The VLM config and processor: the nanoVLM-222M shape (tiny with --smoke) and SmolLM2's tokenizer."""
+    tokenizer = M.load_tokenizer(args.tokenizer or M.default_lm_path())
+    size = 32 if args.smoke else 224
+    proc = M.Processor(tokenizer, size, (size // (8 if args.smoke else 16)) ** 2 // 4)
+    return vlm_config(args.smoke, tokenizer, proc.image_token_id), proc
+
+
+def bench_train(args, device, results, rows):
+    from transformers import SmolVLMForConditionalGeneration
+    cfg, proc = vlm_setup(args)
+    torch.manual_seed(0)
+    ours = M.VLM(cfg)
+    with tempfile.TemporaryDirectory() as tmp:
+        ours.save_pretrained(tmp, proc, format="smolvlm")
+        ref = SmolVLMForConditionalGeneration.from_pretrained(tmp, dtype=torch.float32)
+    ours, ref = ours.to(device).train(), ref.to(device).train()
+    shape = (2, 32, 8) if args.smoke else (4, 128, 32)  # rows, tokens, supervised tokens
+    ids, pixels, labels = train_batch(cfg, *shape, device, torch.Generator().manual_seed(0))
+
+    def our_step(model):
+        model.zero_grad(set_to_none=True)
+        loss = model(ids, pixels.to(next(model.parameters()).dtype), labels=labels)[1]
+        loss.backward()
+        return loss.item()
+
+    def ref_step(autocast=False):
+        ref.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, torch.bfloat16, enabled=autocast):
+            loss = ref(input_ids=ids, pixel_values=pixels[:, None], labels=labels).loss
+        loss.backward()
+        return loss.item()
+
+    a, b = our_step(ours), ref_step()
+    print(f"training loss (fp32): picoVLM {a:.6f}, transformers {b:.6f}")
+    results["train_loss_diff"] = abs(a - b)
+    runs = {"transformers fp32": lambda: timed(ref_step, device), "picoVLM fp32": lambda: timed(lambda: our_step(ours), device)}
+    if bf16_is_native(device) or args.smoke:
+        ours_bf16 = copy.deepcopy(ours).to(torch.bfloat16)
+        runs |= {"transformers bf16 autocast": lambda: timed(lambda: ref_step(autocast=True), device),
+                 "picoVLM bf16": lambda: timed(lambda: our_step(ours_bf16), device)}
+        ref_step(autocast=True), our_step(ours_bf16)  # warm-up runs, as the loss check was for fp32
+    else:
+        print("bf16 training step skipped: this CPU has no native bf16 matmul (no AVX512-BF16/AMX)")
+    t0 = time.perf_counter()
+    train = alternate(runs, args.reps, device, warmup=0)  # all warmed up already
+    print(f"training: {args.reps} alternating runs ({time.perf_counter() - t0:.0f} s)")
+    for k, v in train.items():
+        base = train["transformers bf16 autocast" if "bf16" in k else "transformers fp32"]
+        rows.append((f"train step {shape[0]}x{shape[1]} s", k, f"{v:.3f}", f"{base / v:.2f}x", ""))
+    results["train_fp32_speedup"] = train["transformers fp32"] / train["picoVLM fp32"]
+    results["train_bf16_speedup"] = (train["transformers bf16 autocast"] / train["picoVLM bf16"]
+                                     if "picoVLM bf16" in train else None)
+
+
+def bench_mfu(args, device, results, rows):
+    """Our bf16 training step (weights cast to bf16), torch.compile'd, at a batch that fills the GPU."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    peak = args.peak_tflops or next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+    cfg, _ = vlm_setup(args)
+    torch.manual_seed(0)
+    model = torch.compile(M.VLM(cfg).to(device, torch.bfloat16).train())
+    rows_, length, supervised = args.train_batch, 512, 128
+    ids, pixels, labels = train_batch(cfg, rows_, length, supervised, device, torch.Generator().manual_seed(1))
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        model(ids, pixels.to(torch.bfloat16), labels=labels)[1].backward()
+
+    t0 = time.perf_counter()
+    step()
+    print(f"compiled training step: first call {time.perf_counter() - t0:.0f} s")
+    seconds = alternate({"step": lambda: timed(step, device)}, args.reps, device, warmup=2)["step"]
+    flops = train_flops(cfg, rows_, length, supervised) / seconds
+    mfu = flops / (peak * 1e12) if peak else None
+    rows.append((f"train {rows_}x{length} compiled", "picoVLM bf16", f"{seconds:.3f}", f"{flops / 1e12:.1f} TFLOP/s",
+                 f"MFU {mfu:.1%} of {peak} TFLOP/s" if mfu else f"({name}: peak unknown, see --peak-tflops)"))
+    results.update(train_mfu=mfu, train_tflops=flops / 1e12, gpu=name)
+
+
+# ----------------------------------------------------------------------------- main
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("bench.py: error: --device cuda: CUDA is not available", file=sys.stderr)
+        return 2
+    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"device {device}{' ' + torch.cuda.get_device_name(device) if device.type == 'cuda' else ''}, "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads (OMP_WAIT_POLICY "
+          f"{os.environ.get('OMP_WAIT_POLICY', 'default')}), load average {os.getloadavg()[0]:.1f}"
+          f"{', smoke shapes' if args.smoke else ', random weights' if args.random_weights else ''}")
+    results, rows, failed = {"device": str(device)}, [], []
+    t0 = time.perf_counter()
+    sections = [bench_lm] + ([] if args.skip_train else [bench_train] + ([bench_mfu] if device.type == "cuda" else []))
+    for section in sections:
+        try:
+            section(args, device, results, rows)
+        except M.CheckpointError as e:
+            print(f"bench.py: error: {e}", file=sys.stderr)
+            return 2
+        except Exception:  # report it and go on: one broken section must not cost the other numbers
+            traceback.print_exc()
+            failed.append(section.__name__)
+    print(f"\n{'what':<26} {'who':<28} {'value':>10} {'vs transformers':>16}  note")
+    for what, who, value, speedup, note in rows:
+        print(f"{what:<26} {who:<28} {value:>10} {speedup:>16}  {note}")
+    results.update(seconds=time.perf_counter() - t0, load_average=os.getloadavg()[0], failed=failed)
+    print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in results.items()}))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

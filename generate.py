@@ -1,0 +1,264 @@
+"""Caption images (or answer a question about them) with a picoVLM, SmolVLM or Idefics3 checkpoint.
+
+  python generate.py --image cat.jpg                          # streams the answer
+  python generate.py --image a.png --image b.png --greedy     # one batch, each answer after its file name
+  python generate.py --image photos/ --output results.jsonl   # a directory or a glob: batches, progress bar
+
+Bad input (a missing or corrupt image, a prompt longer than the context, a directory that is not
+a checkpoint) is one line on stderr and exit status 2. In a batch the bad images are reported and
+skipped, the others still captioned (exit status 2 all the same).
+"""
+import argparse
+import glob
+import json
+import os
+import resource
+import sys
+import time
+
+import torch
+
+import model as M
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):  # argparse would print the usage too: we promise one line
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def parse_args(argv=None):
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--image", action="append", required=True, metavar="PATH",
+                   help="an image file, a directory or a glob; repeat for several")
+    p.add_argument("--prompt", default="Describe the image.")
+    p.add_argument("--model", default="out", help="picoVLM dir (train.py's out/), SmolVLM/Idefics3 dir or hub id")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--greedy", action="store_true", help="always the most likely token (= --temperature 0)")
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--num-samples", type=int, default=1, help="answers per image")
+    p.add_argument("--batch-size", type=int, default=8, help="images per batch")
+    p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps")
+    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="auto: bf16 on GPUs that support it, else fp32")
+    p.add_argument("--int8", action="store_true", help="int8 weight-only language model (per-channel scales)")
+    p.add_argument("--compile", action="store_true", help="compile the decode step (CUDA graphs on GPU) and the "
+                                                          "prefill; the first batch pays for the compilation")
+    p.add_argument("--no-stream", action="store_true", help="print a single answer when done, not token by token")
+    p.add_argument("--output", metavar="FILE", help="also write one JSON line per image")
+    p.add_argument("--verbose", action="store_true", help="last line: prefill time, decode tokens/s, peak memory")
+    args = p.parse_args(argv)
+    for flag, ok in (("--max-new-tokens", args.max_new_tokens >= 1), ("--num-samples", args.num_samples >= 1),
+                     ("--batch-size", args.batch_size >= 1), ("--temperature", args.temperature >= 0),
+                     ("--top-k", args.top_k is None or args.top_k >= 1),
+                     ("--top-p", args.top_p is None or 0 < args.top_p <= 1)):
+        if not ok:
+            p.error(f"{flag} {getattr(args, flag[2:].replace('-', '_'))} is out of range")
+    if args.greedy:
+        args.temperature = 0.0
+    return args
+
+
+def pick_device(name):
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise M.CheckpointError(f"--device {name}: not a device (cpu, cuda, cuda:N, mps)") from None
+    if (device.type == "cuda" and not torch.cuda.is_available()) or (device.type == "mps" and not torch.backends.mps.is_available()):
+        raise M.CheckpointError(f"--device {name}: not available on this machine")
+    return device
+
+
+def pick_dtype(name, device):
+    if name != "auto":
+        return DTYPES[name]
+    # bf16 halves the bytes read per token, but CPUs without native bf16 matmuls run it slower
+    return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+
+
+def expand_images(specs):
+    """--image values -> (paths, many): a directory gives its image files, a glob its matches.
+    many: the user asked for a folder's worth, so show a progress bar."""
+    from PIL import Image
+    extensions = set(Image.registered_extensions())
+    paths, many = [], False
+    for spec in specs:
+        if os.path.isdir(spec):
+            found = sorted(os.path.join(spec, f) for f in os.listdir(spec) if os.path.splitext(f)[1].lower() in extensions)
+        elif glob.has_magic(spec) and not os.path.exists(spec):
+            found = sorted(f for f in glob.glob(spec) if os.path.isfile(f))
+        else:
+            paths.append(spec)  # a missing file is reported (and skipped) when it is loaded
+            continue
+        if not found:
+            raise M.CheckpointError(f"{spec}: no images found")
+        paths += found
+        many = True
+    return paths, many
+
+
+def load_model(args, device, dtype):
+    try:
+        vlm, proc = M.VLM.from_pretrained(args.model), M.Processor.from_pretrained(args.model)
+    except (OSError, ValueError, KeyError, TypeError) as e:  # CheckpointError is a ValueError
+        msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise M.CheckpointError(msg if msg.startswith(args.model) else f"{args.model}: cannot load ({msg})") from None
+    if args.int8:
+        M.quantize_int8(vlm.lm)  # from the fp32 weights, before any cast
+    vlm = vlm.to(device=device, dtype=dtype).eval()
+    if device.type == "cpu":
+        M.decode_layout(vlm.lm)  # fp32 matrix-vector products stream faster transposed
+    return vlm, proc
+
+
+def load_images(paths, report):
+    """-> (good paths, RGB images); each bad image is reported (one line) and skipped."""
+    from PIL import Image
+    good, images = [], []
+    for path in paths:
+        try:
+            images.append(M.load_image(path))
+            good.append(path)
+        except (M.CheckpointError, ValueError, Image.DecompressionBombError) as e:  # ValueError: a mode PIL cannot convert
+            report(path, str(e) if isinstance(e, M.CheckpointError) else f"{path}: unusable image ({e})")
+    return good, images
+
+
+class Streamer:
+    """Prints one sequence as its tokens arrive. The whole text is re-decoded each time, since a
+    character can span several tokens and a token's leading space depends on the one before."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.ids, self.shown = tokenizer, [], 0
+
+    def __call__(self, token):
+        self.ids.append(int(token[0]))
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True).lstrip()
+        if not text.endswith("\ufffd"):  # else half a UTF-8 character: wait for the rest
+            print(text[self.shown:], end="", flush=True)
+            self.shown = len(text)
+
+
+class Clock:
+    """on_token hook that times the tokens: prefill = until the first one, then the decode rate."""
+
+    def __init__(self, device, rows, then=None):
+        self.device, self.rows, self.then = device, rows, then
+        self.start, self.first, self.last, self.tokens = time.perf_counter(), None, None, 0
+
+    def __call__(self, token):
+        if self.then:
+            self.then(token)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.last, self.tokens = time.perf_counter(), self.tokens + 1
+        self.first = self.first or self.last
+
+    def report(self, dtype):
+        rate = (self.tokens - 1) / (self.last - self.first) if self.tokens > 1 else float("nan")
+        if self.device.type == "cuda":
+            memory = f"{torch.cuda.max_memory_allocated(self.device) / 2**30:.2f} GiB on the GPU"
+        else:
+            memory = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB RSS"  # ru_maxrss: KiB
+        return (f"[{self.device.type} {dtype}, last batch of {self.rows}] prefill {(self.first - self.start) * 1e3:.0f} ms, "
+                f"decode {rate:.1f} tokens/s per sequence, peak memory {memory}")
+
+
+def answer(vlm, proc, text, images, args, *, name, generator, fns, clock, compile_now):
+    """One batch, the same prompt for every image -> the answers in order. name: the batch's first
+    file (for errors); fns: compiled (prefill, step) or Nones; clock: the on_token hook."""
+    device, dtype, tok = vlm.lm.tok_embed.weight.device, vlm.lm.tok_embed.weight.dtype, proc.tokenizer
+    enc = proc([text] * len(images), [[image] for image in images])
+    length, context = int(enc["attention_mask"].sum(1).max()), vlm.cfg.lm.lm_max_positions
+    if length + args.max_new_tokens > context:  # split (tiled) images can make long prompts
+        raise M.CheckpointError(f"{name}: a prompt of {length} tokens + --max-new-tokens "
+                                f"{args.max_new_tokens} exceeds the model's context of {context}")
+    stop = [tok.eos_token_id] + [tok.convert_tokens_to_ids(t) for t in ("<end_of_utterance>",) if t in tok.get_vocab()]
+    inputs = (enc["input_ids"].to(device), enc["pixel_values"].to(device, dtype), enc["attention_mask"].to(device))
+    options = dict(generator=generator, prefill=fns[0], step=fns[1], top_k=args.top_k, top_p=args.top_p,
+                   eos_token_id=stop,  # SmolVLM ends its turns with <end_of_utterance>
+                   # one cache size for all batches: allocated once, and static shapes when compiled
+                   cache_len=min(context, -(-(length + args.max_new_tokens) // 256) * 256))
+    if compile_now:  # compile now, not in the middle of the first answer; greedy keeps the seed's draws
+        vlm.generate(*inputs, max_new_tokens=2, temperature=0.0, **options)
+    clock.start = time.perf_counter()
+    new = vlm.generate(*inputs, max_new_tokens=args.max_new_tokens, temperature=args.temperature, on_token=clock, **options)
+    return [a.strip() for a in tok.batch_decode(new, skip_special_tokens=True)]
+
+
+def run(args):
+    device = pick_device(args.device)
+    dtype = pick_dtype(args.dtype, device)
+    paths, many = expand_images(args.image)
+    vlm, proc = load_model(args, device, dtype)
+    tok, n, context = proc.tokenizer, args.num_samples, vlm.cfg.lm.lm_max_positions
+    text = proc.chat_prompt(args.prompt, 1)
+    if len(tok.encode(text, add_special_tokens=False)) + proc.tokens_per_image + args.max_new_tokens > context:
+        raise M.CheckpointError(f"--prompt is too long: with an image and --max-new-tokens {args.max_new_tokens} "
+                                f"it exceeds the model's context of {context} tokens")
+    torch.manual_seed(args.seed)
+    generator = torch.Generator(device).manual_seed(args.seed)
+    fns = M.compile_generation(device) if args.compile else (None, None)
+    stream = len(paths) == 1 and n == 1 and not many and not args.no_stream
+    try:
+        output = open(args.output, "w") if args.output else None
+    except OSError as e:
+        raise M.CheckpointError(f"--output {args.output}: cannot write ({e.strerror})") from None
+    bar = None
+    if many:
+        from tqdm import tqdm
+        bar = tqdm(total=len(paths), unit="image", file=sys.stderr)
+    say = bar.write if bar else print
+    failed = []
+
+    def report(path, message):
+        failed.append(path)
+        print(message, file=sys.stderr)
+        if output:
+            output.write(json.dumps({"image": path, "error": message}) + "\n")
+
+    clock = None
+    for start in range(0, len(paths), args.batch_size):
+        batch, images = load_images(paths[start:start + args.batch_size], report)
+        if batch:
+            compile_now = args.compile and clock is None
+            clock = Clock(device, len(batch) * n, Streamer(tok) if stream else None)
+            answers = answer(vlm, proc, text, [image for image in images for _ in range(n)], args, name=batch[0],
+                             generator=generator, fns=fns, clock=clock, compile_now=compile_now)
+            for i, path in enumerate(batch):
+                mine = answers[i * n:(i + 1) * n]
+                if stream:
+                    print()
+                else:
+                    say("\n".join(f"{path}{f' #{k + 1}' if n > 1 else ''}: {a}" for k, a in enumerate(mine)))
+                if output:
+                    output.write(json.dumps({"image": path, "answer": mine[0] if n == 1 else mine}) + "\n")
+        if bar:
+            bar.update(len(paths[start:start + args.batch_size]))
+    if bar:
+        bar.close()
+    if output:
+        output.close()
+    if args.verbose and clock:
+        print(clock.report(str(dtype)[6:] + (" int8" if args.int8 else "")))
+    return 2 if failed else 0
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        return run(args)
+    except M.CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
