@@ -9,8 +9,9 @@ Measured:
   train    forward + backward of the VLM at the nanoVLM-222M shape (SigLIP-B/16-224, pixel
            shuffle 2, SmolLM2-135M), batch 4 x 128 tokens, loss on the last 32 tokens of each
            row (both models get the same labels), against SmolVLMForConditionalGeneration
-           holding the same weights (model.export_smolvlm). fp32 vs fp32; "our bf16" = the
-           model cast to bf16 (no autocast) vs transformers under bf16 autocast.
+           holding the same weights (model.export_smolvlm). fp32 vs fp32, and (where bf16
+           matmuls are native) bf16 autocast vs bf16 autocast, as train.py trains, plus our
+           model cast to bf16 (no autocast: what pure-bf16 training would cost).
   prefill  logits of 1 x 256 tokens, SmolLM2-135M from the offline GGUF.
   decode   batch-1 greedy tokens/s after a 32-token prompt (prefill excluded: time(n+1 tokens)
            - time(1 token)), against AutoModelForCausalLM(gguf_file=...).generate.
@@ -20,8 +21,8 @@ The memory bandwidth is measured (sum of a large tensor), and the decode limit i
 bandwidth / bytes of weights read per token. The last line is one JSON object.
 
 On a CPU shared with other busy processes, OpenMP threads that spin-wait for each other slow
-everything down many times over (2 threads ran 4-60x slower than 1 here): run with
-OMP_WAIT_POLICY=PASSIVE or --threads 1 there, and read the load average printed first.
+everything down many times over (2 spinning threads ran 4-60x slower than 1 here), so this
+script makes them wait passively unless OMP_WAIT_POLICY is set; the load average is printed.
 """
 import argparse
 import copy
@@ -34,7 +35,8 @@ import tempfile
 import time
 import traceback
 
-import torch
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read once, when torch starts OpenMP: set it first
+import torch  # noqa: E402
 
 import model as M
 
@@ -59,9 +61,7 @@ def parse_args(argv=None):
     p.add_argument("--tokenizer", default=None, help="tokenizer dir for the training benchmark (default: the offline GGUF's)")
     p.add_argument("--train-batch", type=int, default=64, help="CUDA MFU run: rows of 512 tokens (one image each)")
     p.add_argument("--peak-tflops", type=float, default=None, help="GPU bf16 peak for MFU (default: from the GPU name)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads (default: torch's, one per core); on a shared machine 1 thread suffers far less "
-                        "from other processes than 2 threads waiting for each other")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's, one per core)")
     args = p.parse_args(argv)
     for flag in ("reps", "train_batch", "threads"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
@@ -276,9 +276,10 @@ def bench_train(args, device, results, rows):
     shape = (2, 32, 8) if args.smoke else (4, 128, 32)  # rows, tokens, supervised tokens
     ids, pixels, labels = train_batch(cfg, *shape, device, torch.Generator().manual_seed(0))
 
-    def our_step(model):
+    def our_step(model, autocast=False):
         model.zero_grad(set_to_none=True)
-        loss = model(ids, pixels.to(next(model.parameters()).dtype), labels=labels)[1]
+        with torch.autocast(device.type, torch.bfloat16, enabled=autocast):
+            loss = model(ids, pixels.to(next(model.parameters()).dtype), labels=labels)[1]
         loss.backward()
         return loss.item()
 
@@ -296,8 +297,9 @@ def bench_train(args, device, results, rows):
     if bf16_is_native(device) or args.smoke:
         ours_bf16 = copy.deepcopy(ours).to(torch.bfloat16)
         runs |= {"transformers bf16 autocast": lambda: timed(lambda: ref_step(autocast=True), device),
-                 "picoVLM bf16": lambda: timed(lambda: our_step(ours_bf16), device)}
-        ref_step(autocast=True), our_step(ours_bf16)  # warm-up runs, as the loss check was for fp32
+                 "picoVLM bf16 autocast": lambda: timed(lambda: our_step(ours, autocast=True), device),
+                 "picoVLM bf16 weights": lambda: timed(lambda: our_step(ours_bf16), device)}
+        ref_step(autocast=True), our_step(ours, autocast=True), our_step(ours_bf16)  # warm-ups, as the loss check was for fp32
     else:
         print("bf16 training step skipped: this CPU has no native bf16 matmul (no AVX512-BF16/AMX)")
     t0 = time.perf_counter()
@@ -307,23 +309,27 @@ def bench_train(args, device, results, rows):
         base = train["transformers bf16 autocast" if "bf16" in k else "transformers fp32"]
         rows.append((f"train step {shape[0]}x{shape[1]} s", k, f"{v:.3f}", f"{base / v:.2f}x", ""))
     results["train_fp32_speedup"] = train["transformers fp32"] / train["picoVLM fp32"]
-    results["train_bf16_speedup"] = (train["transformers bf16 autocast"] / train["picoVLM bf16"]
-                                     if "picoVLM bf16" in train else None)
+    bf16 = "transformers bf16 autocast" in train
+    results["train_bf16_speedup"] = train["transformers bf16 autocast"] / train["picoVLM bf16 autocast"] if bf16 else None
+    results["train_bf16_weights_speedup"] = train["transformers bf16 autocast"] / train["picoVLM bf16 weights"] if bf16 else None
 
 
 def bench_mfu(args, device, results, rows):
-    """Our bf16 training step (weights cast to bf16), torch.compile'd, at a batch that fills the GPU."""
+    """Our training step as train.py runs it on a GPU (fp32 weights, bf16 autocast, torch.compile),
+    at a batch that fills the GPU."""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     peak = args.peak_tflops or next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
     cfg, _ = vlm_setup(args)
     torch.manual_seed(0)
-    model = torch.compile(M.VLM(cfg).to(device, torch.bfloat16).train())
+    model = torch.compile(M.VLM(cfg).to(device).train())
     rows_, length, supervised = args.train_batch, 512, 128
     ids, pixels, labels = train_batch(cfg, rows_, length, supervised, device, torch.Generator().manual_seed(1))
 
     def step():
         model.zero_grad(set_to_none=True)
-        model(ids, pixels.to(torch.bfloat16), labels=labels)[1].backward()
+        with torch.autocast(device.type, torch.bfloat16):
+            loss = model(ids, pixels, labels=labels)[1]
+        loss.backward()
 
     t0 = time.perf_counter()
     step()
@@ -331,7 +337,7 @@ def bench_mfu(args, device, results, rows):
     seconds = alternate({"step": lambda: timed(step, device)}, args.reps, device, warmup=2)["step"]
     flops = train_flops(cfg, rows_, length, supervised) / seconds
     mfu = flops / (peak * 1e12) if peak else None
-    rows.append((f"train {rows_}x{length} compiled", "picoVLM bf16", f"{seconds:.3f}", f"{flops / 1e12:.1f} TFLOP/s",
+    rows.append((f"train {rows_}x{length} compiled", "picoVLM bf16 autocast", f"{seconds:.3f}", f"{flops / 1e12:.1f} TFLOP/s",
                  f"MFU {mfu:.1%} of {peak} TFLOP/s" if mfu else f"({name}: peak unknown, see --peak-tflops)"))
     results.update(train_mfu=mfu, train_tflops=flops / 1e12, gpu=name)
 
@@ -348,7 +354,7 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     print(f"device {device}{' ' + torch.cuda.get_device_name(device) if device.type == 'cuda' else ''}, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads (OMP_WAIT_POLICY "
-          f"{os.environ.get('OMP_WAIT_POLICY', 'default')}), load average {os.getloadavg()[0]:.1f}"
+          f"{os.environ['OMP_WAIT_POLICY']}), load average {os.getloadavg()[0]:.1f}"
           f"{', smoke shapes' if args.smoke else ', random weights' if args.random_weights else ''}")
     results, rows, failed = {"device": str(device)}, [], []
     t0 = time.perf_counter()

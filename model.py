@@ -564,7 +564,7 @@ def image_prompt(rows, cols, tokens_per_tile):
 
 def load_image(image):
     """A path or PIL image -> RGB PIL image, with a one-line error for anything unusable."""
-    from PIL import Image, ImageFile
+    from PIL import Image
     if isinstance(image, Image.Image):
         img = image
     else:
@@ -1026,6 +1026,7 @@ def export_smolvlm(vlm, path, processor):
 def atomic_write(path, data):
     mode = "wb" if isinstance(data, bytes) else "w"
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-")
+    os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; checkpoints should be readable like any file
     try:
         with os.fdopen(fd, mode) as f:
             f.write(data)
