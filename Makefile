@@ -19,7 +19,7 @@ test: .venv/ready
 demo: .venv/ready
 	$(PY) prepare_data.py
 	$(PY) train.py
-	$(PY) generate.py --model out --image data/synthetic/images/test_000000.png --image data/synthetic/images/test_000001.png --image data/synthetic/images/test_000002.png
+	$(PY) generate.py --model out --greedy --prompt "Describe the image." --image data/synthetic/images/test_000000.png --image data/synthetic/images/test_000001.png --image data/synthetic/images/test_000002.png
 
 bench: .venv/ready
 	$(PY) bench.py
