@@ -792,10 +792,17 @@ def read_json(path):
 
 
 def read_safetensors(path):
-    """All tensors of a directory's *.safetensors (single file or shards)."""
+    """All tensors of a directory's weights: model.safetensors, or the shards its index names (other
+    .safetensors files beside them, such as train.py's training state, are not model weights)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
-    files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(os.path.join(path, "model.safetensors")):
+        files = ["model.safetensors"]
+    elif os.path.exists(index):
+        files = sorted(set(read_json(index)["weight_map"].values()))
+    else:
+        files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
     if not files:
         raise CheckpointError(f"{path}: no .safetensors weights")
     state = {}

@@ -1,8 +1,13 @@
-"""train.py tests on CPU: exact resume, DDP = one process, packing = padding, bad input. Tiny shapes."""
+"""train.py tests on CPU with the `tiny` preset (a tiny ViT and a tiny random LM with the real
+tokenizer): the command line, packing, exact resume, DDP = one process, faults, checkpoints.
+The runs are subprocesses of a few seconds each; tolerances are stated where results may differ."""
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -11,79 +16,242 @@ import model as M
 import train
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-FAST = ["--config", "tiny", "--eval_every", "0", "--eval_samples", "4", "--dtype", "fp32", "--workers", "0"]
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    from prepare_data import build_synthetic
-    path = tmp_path_factory.mktemp("data")
-    build_synthetic(path, n_train=48, n_val=8, n_test=8, workers=1)
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory):
+    """The offline GGUF's tokenizer, saved once: reading it from the GGUF takes ~15 s a process."""
+    path = tmp_path_factory.mktemp("tokenizer")
+    M.load_tokenizer(M.default_lm_path()).save_pretrained(path)
     return str(path)
 
 
-def run(*args, env=None):
+@pytest.fixture(scope="session")
+def data(tmp_path_factory):
+    from prepare_data import build_synthetic
+    path = tmp_path_factory.mktemp("data")
+    build_synthetic(path, n_train=96, n_val=14, n_test=14, workers=1, image_size=32)
+    return str(path)
+
+
+def tiny(tokenizer_dir, data, out_dir, *args):
+    return ["--config", "tiny", "--tokenizer", tokenizer_dir, "--data_dir", data, "--out_dir", str(out_dir),
+            "--dtype", "fp32", "--final_eval", "false", *args]
+
+
+def run(args, timeout=120, **kw):
     return subprocess.run([sys.executable, os.path.join(HERE, "train.py"), *args], capture_output=True, text=True,
-                          cwd=HERE, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, timeout=300)
+                          cwd=HERE, timeout=timeout, **kw)
 
 
-def losses(out_dir):
+def log(out_dir):
     with open(os.path.join(out_dir, "log.jsonl")) as f:
-        return [json.loads(line)["loss"] for line in f]
+        return [json.loads(line) for line in f]
 
 
-def test_train_resume_is_exact(data, tmp_path):
-    a, b = str(tmp_path / "straight"), str(tmp_path / "resumed")
-    r = run(*FAST, "--data", data, "--out_dir", a, "--max_steps", "6")
-    assert r.returncode == 0, r.stderr
-    final = json.load(open(os.path.join(a, "final_eval.json")))
-    assert {"accuracy", "per_type", "wall_s"} <= final.keys() and 0 <= final["accuracy"] <= 1
-    assert M.VLM.from_pretrained(a) is not None and os.path.exists(os.path.join(a, "curves.png"))
-    assert run(*FAST, "--data", data, "--out_dir", b, "--max_steps", "3").returncode == 0
-    r = run(*FAST, "--data", data, "--out_dir", b, "--max_steps", "6", "--resume")
-    assert r.returncode == 0, r.stderr
-    assert len(losses(a)) == 6 and losses(a) == losses(b)  # bit-identical continuation
+# ----------------------------------------------------------------------------- command line
+
+def test_booleans_presets_and_overrides():
+    assert train.parse_args(["--compile"]) == ("default", {"compile": True})
+    assert train.parse_args(["--compile", "false"])[1] == {"compile": False}
+    assert train.parse_args(["--packing", "true", "--config", "tiny"]) == ("tiny", {"packing": True})
+    cfg = train.make_config(*train.parse_args(["--config", "tiny", "--batch_size", "3"]))
+    assert cfg.batch_size == 3 and cfg.lm == "tiny" and cfg.compile is True
+    default = train.make_config("default", {})
+    assert default.out_dir == "out" and default.lm == "" and default.pretrain_steps > 0
+    for name in ("nanovlm-222m", "smolvlm-256m"):
+        train.make_config(name, {})
+    with pytest.raises(SystemExit) as e:
+        train.parse_args(["--compile", "maybe"])
+    assert e.value.code == 2
+    with pytest.raises(train.UsageError, match="batch_size"):
+        train.make_config("tiny", {"batch_size": 0})
 
 
-def test_ddp_two_processes_equal_one(data, tmp_path):
-    """Global batch 4: one process x 4 vs two gloo processes x 2; losses agree to 1e-4 (only the
-    order of float reductions differs)."""
-    one, two = str(tmp_path / "one"), str(tmp_path / "two")
-    assert run(*FAST, "--data", data, "--out_dir", one, "--max_steps", "4", "--batch_size", "4").returncode == 0
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29577",
-                        os.path.join(HERE, "train.py"), *FAST, "--data", data, "--out_dir", two, "--max_steps", "4",
-                        "--batch_size", "2"], capture_output=True, text=True, cwd=HERE, timeout=300,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert max(abs(x - y) for x, y in zip(losses(one), losses(two))) <= 1e-4
+def test_help_and_bad_input_are_one_line(tmp_path, tokenizer_dir):
+    r = run(["--help"])
+    assert r.returncode == 0 and "--max_steps" in r.stdout and "--compile" in r.stdout
+    for args, message in [(["--synthetic", "0", "--data_dir", str(tmp_path / "none")], "no train.jsonl"),
+                          (["--resume"], "nothing to resume"),
+                          (["--batch_size", "0"], "out of range"),
+                          (["--no_such_flag", "1"], "unrecognized arguments"),
+                          (["--max_steps", "ten"], "invalid int value")]:
+        r = run(["--config", "tiny", "--tokenizer", tokenizer_dir, "--out_dir", str(tmp_path / "out"), *args])
+        assert r.returncode == 2, (args, r.stderr)
+        assert message in r.stderr and r.stderr.strip().count("\n") == 0 and "Traceback" not in r.stderr, r.stderr
 
 
-def test_packed_batch_equals_padded(data):
-    cfg = train.parse_args(["--config", "tiny"])
+# ----------------------------------------------------------------------------- data
+
+def test_packed_rows_give_the_same_per_sample_loss(tokenizer_dir, data):
+    """Three samples packed into one row (block-diagonal attention, positions restarting per
+    sample) give each sample the loss it has alone: max difference <= 1e-5."""
     torch.manual_seed(0)
-    vlm, processor = train.build(cfg)
-    ds = train.ChatDataset(train.read_split(os.path.join(data, "train.jsonl")), processor)
-    samples = [ds[i] for i in range(4)]
-    padded, packed = train.collate(samples), train.collate(samples, pack=True, max_len=10_000)
-    assert packed["input_ids"].shape[0] == 1 and padded["input_ids"].shape[0] == 4
-    with torch.no_grad():
-        _, loss_padded = vlm(**train.to(padded, "cpu"))
-        _, loss_packed = vlm(**train.to(packed, "cpu"))
-    assert abs(loss_padded.item() - loss_packed.item()) <= 1e-5
+    vlm, processor = train.build_model(train.make_config("tiny", {"tokenizer": tokenizer_dir}))
+    vlm.eval()
+    ds = train.ChatDataset(train.load_split(data, "train"), processor, 2048)
+    samples = [ds[i] for i in range(3)]
+
+    def loss(batch):
+        with torch.no_grad():
+            return vlm(batch["input_ids"], batch["pixel_values"], batch["attention_mask"], batch["labels"])[1].item()
+    packed = train.collate(samples, pack_len=10_000)
+    assert packed["input_ids"].shape[0] == 1 and packed["attention_mask"][0].max() == 3
+    for k, s in enumerate(samples):
+        only_k = dict(packed, labels=torch.where(packed["attention_mask"] == k + 1, packed["labels"], -100))
+        assert abs(loss(only_k) - loss(train.collate([s]))) <= 1e-5
+    padded = train.collate(samples)  # right padding without a mask: the same mean over all answer tokens
+    assert padded["attention_mask"] is None and abs(loss(padded) - loss(packed)) <= 1e-5
 
 
-def test_booleans_and_presets():
-    assert train.parse_args(["--pack"]).pack is True
-    assert train.parse_args(["--pack", "false"]).pack is False
-    assert train.parse_args(["--resume", "true", "--config", "tiny"]).resume is True
-    assert train.parse_args(["--config", "tiny", "--batch_size", "3"]).batch_size == 3
-    with pytest.raises(train.UsageError, match="unknown preset"):
-        train.parse_args(["--config", "huge"])
+def test_micro_batches_shard_one_global_order():
+    one = train.MicroBatches(10, 2, 2, 0, 1, seed=0)
+    two = [train.MicroBatches(10, 2, 1, r, 2, seed=0) for r in (0, 1)]
+    a, b = iter(one), [iter(x) for x in two]
+    for _ in range(7):  # crosses epochs: every sample once per epoch
+        assert next(a) == next(b[0]) and next(a) == next(b[1])
+    resumed = iter(train.MicroBatches(10, 2, 2, 0, 1, seed=0, start=8))
+    fresh = iter(train.MicroBatches(10, 2, 2, 0, 1, seed=0))
+    for _ in range(4):
+        next(fresh)
+    assert [next(resumed) for _ in range(4)] == [next(fresh) for _ in range(4)]
 
 
-def test_bad_input_is_one_line(tmp_path):
-    r = run("--config", "tiny", "--data", str(tmp_path / "nowhere"), "--out_dir", str(tmp_path / "o"))
-    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "Traceback" not in r.stderr
-    r = run("--config", "tiny", "--data", str(tmp_path), "--out_dir", str(tmp_path / "o2"), "--resume")
-    assert r.returncode == 2 and "no checkpoint to resume" in r.stderr
-    assert run("--help").returncode == 0
+# ----------------------------------------------------------------------------- runs
+
+def test_run_writes_a_loadable_model_and_its_records(tmp_path, tokenizer_dir, data):
+    out = tmp_path / "out"
+    r = run(tiny(tokenizer_dir, data, out, "--pretrain_steps", "3", "--max_steps", "6", "--eval_interval", "3",
+                 "--final_eval", "true", "--num_workers", "1"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = log(out)
+    assert [x["step"] for x in rows] == list(range(1, 10)) and all("loss" in x for x in rows)
+    assert [x["stage"] for x in rows] == ["pretrain"] * 3 + ["vlm"] * 6
+    assert [x["step"] for x in rows if "accuracy" in x] == [3, 6, 9]  # end of stage 1, then every 3 VLM steps
+    final = json.load(open(out / "final_eval.json"))
+    assert 0 <= final["accuracy"] <= 1 and final["wall_s"] > 0 and len(final["per_type"]) == 7
+    for path in (out, out / "best"):
+        vlm, processor = M.VLM.from_pretrained(path), M.Processor.from_pretrained(path)
+        assert processor.system_prompt == "" and vlm.cfg.image_tokens == processor.tokens_per_image
+    assert (out / "loss.png").stat().st_size > 1000
+    meta, tensors = train.read_state(out)
+    assert meta["state"]["step"] == 6 and meta["state"]["stage"] == "vlm" and "rng/torch" in tensors
+
+
+def test_resume_continues_exactly(tmp_path, tokenizer_dir, data):
+    """9 steps straight == 5 steps (the first inside stage 2), a new process with --resume, 4 more:
+    identical losses, bit for bit. Image shifts and a data worker are on: they must replay too."""
+    args = ("--pretrain_steps", "4", "--lr_decay_steps", "5", "--augment_shift", "2", "--num_workers", "1")
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert run(tiny(tokenizer_dir, data, straight, *args, "--max_steps", "5")).returncode == 0
+    r = run(tiny(tokenizer_dir, data, split, *args, "--max_steps", "1"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = run(["--resume", "--out_dir", str(split), "--max_steps", "5"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert [x["loss"] for x in log(straight)] == [x["loss"] for x in log(split)]
+    assert len(log(split)) == 9
+
+
+def test_two_gloo_processes_equal_one(tmp_path, tokenizer_dir, data):
+    """The same global batches: 1 process x accumulation 2 vs 2 DDP processes (gloo) x 1, in both
+    stages. Only the order of float sums differs: losses agree to 1e-5."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    common = ("--pretrain_steps", "3", "--max_steps", "4", "--num_workers", "0")
+    r = run(tiny(tokenizer_dir, data, one, *common, "--pretrain_batch_size", "8", "--batch_size", "4",
+                 "--grad_accum", "2"), env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+                        os.path.join(HERE, "train.py"), *tiny(tokenizer_dir, data, two, *common,
+                                                              "--pretrain_batch_size", "4", "--batch_size", "4")],
+                       capture_output=True, text=True, cwd=HERE, timeout=180, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = log(one), log(two)
+    assert len(a) == len(b) == 7
+    assert max(abs(x["loss"] - y["loss"]) for x, y in zip(a, b)) <= 1e-5
+
+
+def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(tmp_path, tokenizer_dir, data):
+    out = tmp_path / "out"
+    p = subprocess.Popen([sys.executable, os.path.join(HERE, "train.py"),
+                          *tiny(tokenizer_dir, data, out, "--pretrain_steps", "2", "--max_steps", "100000",
+                                "--eval_interval", "0")], cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 90
+    while time.time() < deadline and not (os.path.exists(out / "log.jsonl") and len(log(out)) >= 4):
+        time.sleep(0.2)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 130 and "checkpoint saved" in err and "Traceback" not in err, err[-3000:]
+    step = train.read_state(out)[0]["state"]["step"] + 2  # + the 2 pretraining steps
+    assert log(out)[-1]["step"] == step
+    r = run(["--resume", "--out_dir", str(out), "--max_steps", str(step - 2 + 2)])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert [x["step"] for x in log(out)] == list(range(1, step + 3))
+
+
+def test_corrupt_images_are_skipped_and_counted(tmp_path, tokenizer_dir, data):
+    """24 samples, 4 with a corrupt image; 2 epochs in each stage: 16 skipped, training goes on."""
+    d = tmp_path / "data"
+    shutil.copytree(data, d)
+    lines = open(d / "train.jsonl").readlines()[:24]
+    (d / "train.jsonl").write_text("".join(lines))
+    for line in lines[:4]:
+        (d / json.loads(line)["images"][0]).write_bytes(b"not a png")
+    out = tmp_path / "out"
+    r = run(tiny(tokenizer_dir, str(d), out, "--pretrain_steps", "3", "--pretrain_batch_size", "16", "--max_steps", "6",
+                 "--batch_size", "8", "--final_eval", "true"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "skipped 16 unusable samples" in r.stdout
+    assert json.load(open(out / "final_eval.json"))["skipped_samples"] == 16
+
+
+def test_nan_losses_are_skipped_then_stop_the_run(tmp_path, tokenizer_dir, data, monkeypatch, capsys):
+    forward, calls = M.VLM.forward, {"n": 0}
+
+    def nan_on_some_calls(self, *args, **kw):  # training calls 3 and 4 of the VLM stage give NaN
+        logits, loss = forward(self, *args, **kw)
+        if self.training and self.cfg.lm.lm_hidden == 64:
+            calls["n"] += 1
+            if calls["n"] in bad:
+                loss = loss * float("nan")
+        return logits, loss
+    monkeypatch.setattr(M.VLM, "forward", nan_on_some_calls)
+    bad = {3, 4}
+    out = tmp_path / "a"
+    assert train.main(tiny(tokenizer_dir, data, out, "--pretrain_steps", "0", "--max_steps", "6", "--final_eval",
+                           "true")) == 0
+    rows = log(out)
+    assert [x.get("skipped_step", False) for x in rows] == [False, False, True, True, False, False]
+    assert json.load(open(out / "final_eval.json"))["skipped_steps"] == 2
+    assert all(torch.isfinite(p).all() for p in M.VLM.from_pretrained(out).parameters())
+    bad, calls["n"] = set(range(1, 100)), 0
+    assert train.main(tiny(tokenizer_dir, data, tmp_path / "b", "--pretrain_steps", "0", "--max_bad_steps", "3")) == 1
+    assert "NaN/inf 3 steps in a row" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def test_a_kill_during_a_save_leaves_the_previous_checkpoint(tmp_path, tokenizer_dir, data, monkeypatch):
+    out = tmp_path / "out"
+    assert train.main(tiny(tokenizer_dir, data, out, "--pretrain_steps", "0", "--max_steps", "2")) == 0
+    before = (out / train.STATE_FILE).read_bytes()
+    meta, _ = train.read_state(out)
+
+    def killed(*_):
+        raise KeyboardInterrupt  # the process dies after writing the temporary file, before the rename
+    monkeypatch.setattr(os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        train.save_state(str(out), torch.nn.Linear(2, 2), torch.optim.AdamW(torch.nn.Linear(2, 2).parameters()),
+                         torch.amp.GradScaler("cpu", enabled=False), {"step": 99}, train.make_config("tiny", {}))
+    assert (out / train.STATE_FILE).read_bytes() == before
+    assert not [f for f in os.listdir(out) if f.startswith(".tmp-")]  # the partial file is removed
+
+
+def test_resume_unpickles_nothing(tmp_path, tokenizer_dir, data, monkeypatch):
+    out = tmp_path / "out"
+    assert train.main(tiny(tokenizer_dir, data, out, "--pretrain_steps", "2", "--max_steps", "1")) == 0
+
+    def no_pickles(*args, **kw):
+        raise AssertionError("torch.load called while resuming")
+    monkeypatch.setattr(torch, "load", no_pickles)
+    assert train.main(["--resume", "--out_dir", str(out), "--max_steps", "2"]) == 0
+    assert [x["step"] for x in log(out)] == [1, 2, 3, 4]
