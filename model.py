@@ -627,10 +627,12 @@ class Processor:
     @classmethod
     def from_pretrained(cls, path):
         """Our directory (processor.json + tokenizer) or a SmolVLM/Idefics3 one."""
-        from transformers import AutoTokenizer
+        from transformers import AutoTokenizer, PreTrainedConfig
         path = resolve_checkpoint(path)
-        tokenizer = AutoTokenizer.from_pretrained(path)
         ours = os.path.join(path, "processor.json")
+        # our config.json is not a transformers config: an empty one keeps AutoTokenizer from
+        # reading it (and warning), and tokenizer_config.json names the class
+        tokenizer = AutoTokenizer.from_pretrained(path, **({"config": PreTrainedConfig()} if os.path.exists(ours) else {}))
         if os.path.exists(ours):
             return cls(tokenizer, **read_json(ours))
         for name in ("chat_template.jinja", "chat_template.json"):  # SmolVLM keeps it beside the tokenizer
