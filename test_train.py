@@ -104,6 +104,27 @@ def test_packed_rows_give_the_same_per_sample_loss(tokenizer_dir, data):
     assert padded["attention_mask"] is None and abs(loss(padded) - loss(packed)) <= 1e-5
 
 
+def test_stage1_word_targets_and_loss(tokenizer_dir, data):
+    """Stage 1: each image's word target holds exactly its answer's tokens (compact ids), weighted
+    so that they sum to the number of answer tokens; the proxy adds the word head's loss."""
+    torch.manual_seed(0)
+    cfg = train.make_config("tiny", {"tokenizer": tokenizer_dir})
+    vlm, processor = train.build_model(cfg)
+    ds = train.ChatDataset(train.load_split(data, "train"), processor, 2048)
+    proxy, remap = train.build_proxy(vlm, cfg, train.proxy_vocab(ds))
+    samples = [ds[i] for i in range(4)]
+    batch = train.collate(samples, remap=remap)
+    assert batch["image_words"].shape == (4, int(remap.max()) + 1)
+    for words, (_, labels, _, _) in zip(batch["image_words"], samples):
+        answer = remap[labels[labels != -100]]
+        assert set(words.nonzero()[:, 0].tolist()) == set(answer.tolist())
+        assert abs(words.sum().item() - len(answer)) <= 1e-4
+    args = batch["input_ids"], batch["pixel_values"], None, batch["labels"]
+    with torch.no_grad():
+        plain, with_words = proxy(*args)[1], proxy(*args, image_words=batch["image_words"])[1]
+    assert with_words > plain > 0
+
+
 def test_micro_batches_shard_one_global_order():
     one = train.MicroBatches(10, 2, 2, 0, 1, seed=0)
     two = [train.MicroBatches(10, 2, 1, r, 2, seed=0) for r in (0, 1)]

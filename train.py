@@ -35,6 +35,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402  (after the OpenMP setting, which is read when torch loads)
 import torch.distributed as dist  # noqa: E402
+import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import model as M  # noqa: E402
@@ -252,11 +253,21 @@ def collate(samples, pack_len=0, remap=None):
         for k, (i, lab, _, _) in enumerate(row):
             ids[r, t:t + len(i)], labels[r, t:t + len(i)], segments[r, t:t + len(i)] = i, lab, k + 1
             t += len(i)
+    pixels = [p for s in good for p in s[2]]  # every tile, in the order of the <image> tokens
+    words = None
     if remap is not None:
         ids, labels = remap[ids], torch.where(labels == -100, -100, remap[labels.clamp(min=0)])
-    pixels = [p for s in good for p in s[2]]  # every tile, in the order of the <image> tokens
+        # stage 1's second target: for each image, the words of its sample's answers, sharing a
+        # weight equal to the number of answer tokens (Proxy.forward: so it weighs like them)
+        words = torch.zeros(len(pixels), int(remap.max()) + 1)
+        tile = 0
+        for _, lab, tiles, _ in good:
+            answer = remap[lab[lab != -100]]
+            kinds = answer[answer > 0].unique()
+            words[tile:tile + len(tiles), kinds] = len(answer) / max(1, len(kinds))
+            tile += len(tiles)
     return {"input_ids": ids, "labels": labels, "attention_mask": segments if pack_len else None,
-            "pixel_values": torch.stack(pixels) if pixels else None, "types": [s[3] for s in good],
+            "pixel_values": torch.stack(pixels) if pixels else None, "image_words": words, "types": [s[3] for s in good],
             "skipped": len(samples) - len(good), "tokens": int(sum(len(s[0]) for s in good)),
             "supervised": int((labels[:, 1:] != -100).sum())}
 
@@ -371,8 +382,36 @@ def build_model(cfg):
     return vlm, processor
 
 
+class Proxy(M.VLM):
+    """Stage 1's model: a VLM with a tiny decoder, plus a word head that reads an image's tokens
+    alone and names the words its answers contain (a multi-label target, as CatLIP pre-trains a
+    ViT on the words of captions). The head is the shortest path from a loss to the ViT: a
+    decoder that is itself still learning to read the image tokens passes a weak signal back."""
+
+    def __init__(self, cfg, vision):
+        super().__init__(cfg, vision=vision)
+        self.word_head = nn.Linear(cfg.image_tokens * cfg.lm.lm_hidden, cfg.lm.lm_vocab)
+        self.word_logits = None
+
+    def embed(self, input_ids, pixel_values=None):
+        x = super().embed(input_ids, pixel_values)
+        if pixel_values is not None:  # the image tokens as the decoder will see them, one row an image
+            tokens = x[input_ids == self.cfg.image_token_id]
+            self.word_logits = self.word_head(tokens.view(-1, self.cfg.image_tokens * tokens.shape[-1]))
+        return x
+
+    def forward(self, input_ids, pixel_values=None, attention_mask=None, labels=None, image_words=None):
+        logits, loss = super().forward(input_ids, pixel_values, attention_mask, labels)
+        if image_words is not None and len(image_words):
+            # soft-target cross-entropy, normalised like the decoder's loss (by the answer tokens),
+            # so that accumulation and DDP still give exactly the gradient of one large batch
+            words = F.cross_entropy(self.word_logits.float(), image_words, reduction="sum")
+            loss = loss + words / (labels[:, 1:] != -100).sum()
+        return logits, loss
+
+
 def build_proxy(vlm, cfg, vocab):
-    """Stage 1's model: the VLM's ViT (shared: training the proxy trains it) behind a projector and
+    """Stage 1's model (Proxy): the VLM's ViT (shared: training the proxy trains it) behind a projector and
     a tiny decoder of its own. The decoder knows only `vocab`, the token ids of the training texts
     (compact ids 1..n; 0 = any other token): a 49k-word output layer would cost more than the ViT.
     -> (proxy, remap), remap[token id] = compact id."""
@@ -381,8 +420,8 @@ def build_proxy(vlm, cfg, vocab):
     heads = max(1, cfg.proxy_width // 64)
     lm_cfg = M.LanguageConfig(lm_hidden=cfg.proxy_width, lm_layers=cfg.proxy_layers, lm_heads=heads, lm_kv_heads=heads,
                               lm_intermediate=4 * cfg.proxy_width, lm_vocab=len(vocab) + 1, lm_max_positions=cfg.seq_len)
-    proxy = M.VLM(dataclasses.replace(vlm.cfg, lm=lm_cfg, image_token_id=int(remap[vlm.cfg.image_token_id])),
-                  vision=vlm.vision)
+    proxy = Proxy(dataclasses.replace(vlm.cfg, lm=lm_cfg, image_token_id=int(remap[vlm.cfg.image_token_id])),
+                  vlm.vision)
     return proxy, remap
 
 
@@ -727,8 +766,9 @@ def train_stage(run, stage, model, groups, dataset, steps, batch_size, accum, st
             with sync:
                 if b["supervised"]:
                     with run.autocast:
+                        extra = {"image_words": b["image_words"].to(device)} if b["image_words"] is not None else {}
                         _, loss = ddp(b["input_ids"].to(device, non_blocking=True), to(b["pixel_values"], device),
-                                      to(b["attention_mask"], device), b["labels"].to(device, non_blocking=True))
+                                      to(b["attention_mask"], device), b["labels"].to(device, non_blocking=True), **extra)
                     loss = loss * (b["supervised"] / n_supervised)
                 else:  # nothing usable in this micro-batch: a zero loss keeps DDP's all-reduce in step
                     loss = sum(p.sum() for p in params) * 0.0
