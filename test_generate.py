@@ -174,7 +174,7 @@ def test_cached_decode_equals_uncached_greedy(smollm, tokenizer):
     ids = chat_ids(tokenizer, "Write a haiku about the sea.")
     want = uncached_greedy(smollm, ids, 10)
     assert smollm.generate(ids, max_new_tokens=10, eos_token_id=-1)[0].tolist() == want
-    transposed = M.decode_layout(copy.deepcopy(smollm))  # generate.py's CPU weight layout: same numbers
+    transposed = generate.decode_layout(copy.deepcopy(smollm))  # generate.py's CPU weight layout: same numbers
     assert transposed.blocks[0].gate_up.weight.stride() == (1, 3072)  # [3072, 576] stored as [576, 3072]
     assert transposed.generate(ids, max_new_tokens=10, eos_token_id=-1)[0].tolist() == want
 
@@ -186,8 +186,8 @@ def test_int8_close_to_fp32(smollm, tokenizer):
     <= 0.5, max <= 3, top-1 agreement >= 90% when fed the same tokens; greedy text may part from
     fp32's only where fp32 itself was nearly undecided (its margin between the two tokens < 1,
     about 3x the mean error: the difference of two perturbed logits)."""
-    int8 = M.quantize_int8(copy.deepcopy(smollm))
-    assert isinstance(int8.lm_head, M.Int8Linear) and int8.tok_embed.weight.dtype == torch.float32
+    int8 = generate.quantize_int8(copy.deepcopy(smollm))
+    assert isinstance(int8.lm_head, generate.Int8Linear) and int8.tok_embed.weight.dtype == torch.float32
     for question in ("What is the capital of France?", "Who wrote Hamlet?"):
         ids = chat_ids(tokenizer, question)
         want = smollm.generate(ids, max_new_tokens=10, eos_token_id=-1)
