@@ -153,7 +153,6 @@ def test_gguf_tensor_types_and_unpermute(tmp_path):
     """A tiny Llama written as GGUF with F32/F16/BF16/Q8_0/Q4_0/Q4_1 tensors and q/k in llama.cpp's
     RoPE layout loads back to the same model (reference: transformers on the same rounded weights)."""
     import gguf
-    import numpy as np
     from transformers import LlamaConfig, LlamaForCausalLM
     Q = gguf.GGMLQuantizationType
     ref = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
