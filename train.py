@@ -629,8 +629,10 @@ def plot(log_path, png_path):
         e = [x for x in r if "val_loss" in x]
         if not r:
             continue
-        a.plot([x["step"] for x in r], [x["loss"] for x in r], color=color, lw=0.8, label=f"{stage}: train")
-        a.plot([x["step"] for x in e], [x["val_loss"] for x in e], "o-", color=color, ms=3, label=f"{stage}: val")
+        train_label = "pretrain: train (decoder + word head)" if stage == "pretrain" else f"{stage}: train"
+        a.plot([x["step"] for x in r], [x["loss"] for x in r], color=color, lw=0.8, label=train_label)
+        a.plot([x["step"] for x in e], [x["val_loss"] for x in e], "o-", color=color, ms=3, label=f"{stage}: val (decoder)"
+               if stage == "pretrain" else f"{stage}: val")
         b.plot([x["step"] for x in e], [x["accuracy"] for x in e], "o-", color=color, ms=3,
                label="proxy decoder" if stage == "pretrain" else "VLM")
     a.set(xlabel="step", ylabel="loss on answer tokens", yscale="log")
