@@ -181,7 +181,7 @@ def test_two_gloo_processes_equal_one(tmp_path, tokenizer_dir, data):
     r = run(tiny(tokenizer_dir, data, one, *common, "--pretrain_batch_size", "8", "--batch_size", "4",
                  "--grad_accum", "2"), env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
                         os.path.join(HERE, "train.py"), *tiny(tokenizer_dir, data, two, *common,
                                                               "--pretrain_batch_size", "4", "--batch_size", "4")],
                        capture_output=True, text=True, cwd=HERE, timeout=180, env={**os.environ, "OMP_NUM_THREADS": "1"})
