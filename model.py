@@ -630,11 +630,11 @@ class Processor:
         from transformers import AutoTokenizer, PreTrainedConfig
         path = resolve_checkpoint(path)
         ours = os.path.join(path, "processor.json")
-        # our config.json is not a transformers config: an empty one keeps AutoTokenizer from
-        # reading it (and warning), and tokenizer_config.json names the class
-        tokenizer = AutoTokenizer.from_pretrained(path, **({"config": PreTrainedConfig()} if os.path.exists(ours) else {}))
         if os.path.exists(ours):
-            return cls(tokenizer, **read_json(ours))
+            # our config.json is not a transformers config: an empty one keeps AutoTokenizer from
+            # reading it (and warning); tokenizer_config.json names the class
+            return cls(AutoTokenizer.from_pretrained(path, config=PreTrainedConfig()), **read_json(ours))
+        tokenizer = AutoTokenizer.from_pretrained(path)
         for name in ("chat_template.jinja", "chat_template.json"):  # SmolVLM keeps it beside the tokenizer
             if os.path.exists(os.path.join(path, name)) and not tokenizer.chat_template:
                 text = open(os.path.join(path, name)).read()
