@@ -11,6 +11,7 @@ Read top to bottom:
   8. loading       - explicit key maps for SigLIP, Llama/SmolLM2, GGUF, SmolVLM/Idefics3
 """
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -399,11 +400,11 @@ class LanguageModel(nn.Module):
 class VLM(nn.Module):
     """image -> ViT -> projector -> LM tokens, written into the text at <image> positions."""
 
-    def __init__(self, cfg: VLMConfig, vision=None, lm=None):
+    def __init__(self, cfg: VLMConfig, vision=None, lm=None, projector=None):
         super().__init__()
         self.cfg = cfg
         self.vision = vision or VisionTransformer(cfg.vision)
-        self.projector = Projector(cfg)
+        self.projector = projector or Projector(cfg)
         self.lm = lm or LanguageModel(cfg.lm)
 
     def embed(self, input_ids, pixel_values=None):
@@ -657,8 +658,8 @@ class Processor:
 
     def _to_tensor(self, img):
         import numpy as np
-        x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
-        return (x - torch.tensor(self.mean)[:, None, None]) / torch.tensor(self.std)[:, None, None]
+        x = (np.asarray(img, dtype=np.float32) / 255.0 - np.float32(self.mean)) / np.float32(self.std)
+        return torch.from_numpy(x).permute(2, 0, 1)
 
     def tiles(self, image):
         """-> (list of square PIL tiles, rows, cols); (0, 0) when the image is not split.
@@ -708,21 +709,24 @@ class Processor:
         return self.tokenizer.apply_chat_template(messages, tokenize=False,
                                                   add_generation_prompt=add_generation_prompt)
 
-    def expand(self, ids, images, labels=None):
-        """Replace each <image> placeholder id by the tokens of its full image prompt (labels
-        -100 there). -> (ids, labels, pixel tiles of all images in reading order)."""
-        if ids.count(self.image_token_id) != len(images):
+    def expand(self, ids, grids, labels=None):
+        """Replace each <image> placeholder id by the tokens of its image's prompt (labels -100
+        there); grids: (rows, cols) of each image's tiles, from tiles(). -> (ids, labels)."""
+        if ids.count(self.image_token_id) != len(grids):
             raise ValueError(f"the text has {ids.count(self.image_token_id)} <image> placeholders "
-                             f"but {len(images)} images were given")
-        tiled = [self.tiles(image) for image in images]
+                             f"but {len(grids)} images were given")
         prompts = iter(self.tokenizer.encode(image_prompt(rows, cols, self.tokens_per_image),
-                                             add_special_tokens=False) for _, rows, cols in tiled)
+                                             add_special_tokens=False) for rows, cols in grids)
         out_ids, out_labels = [], []
         for t, label in zip(ids, labels or ids):
             seq = next(prompts) if t == self.image_token_id else [t]
             out_ids += seq
             out_labels += [-100] * len(seq) if t == self.image_token_id else [label]
-        return out_ids, out_labels, [self._to_tensor(tile) for tiles, _, _ in tiled for tile in tiles]
+        return out_ids, out_labels
+
+    def pixels(self, tiled):
+        """tiles() of each image -> every tile as a normalised tensor, in reading order."""
+        return [self._to_tensor(tile) for tiles, _, _ in tiled for tile in tiles]
 
     def __call__(self, texts, images=None):
         """texts: a string or a list; images: per text a list of images (paths or PIL).
@@ -734,9 +738,10 @@ class Processor:
             images = [images] if len(texts) == 1 else [[i] for i in images]
         ids, pixels = [], []
         for text, imgs in zip(texts, images):
-            seq, _, px = self.expand(self.tokenizer.encode(text, add_special_tokens=False), imgs)
+            tiled = [self.tiles(image) for image in imgs]
+            seq, _ = self.expand(self.tokenizer.encode(text, add_special_tokens=False), [t[1:] for t in tiled])
             ids.append(seq)
-            pixels += px
+            pixels += self.pixels(tiled)
         T = max(map(len, ids))
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         out = {"input_ids": torch.tensor([[pad] * (T - len(i)) + i for i in ids]),
@@ -747,14 +752,22 @@ class Processor:
     def encode_chat(self, messages, images=()):
         """Training sample -> (input_ids, labels, pixel tiles). Labels are -100 except on the
         assistant answers (and their end-of-turn token): the model learns to answer, not to
-        predict the question. Each turn is tokenized separately, so the boundary is exact."""
-        images = list(images)
+        predict the question."""
+        tiled = [self.tiles(image) for image in images]
+        ids, labels = self._chat_ids(json.dumps(messages), tuple(t[1:] for t in tiled), self.system_prompt)
+        return torch.tensor(ids), torch.tensor(labels), self.pixels(tiled)
+
+    @functools.lru_cache(maxsize=1 << 16)  # VQA data asks the same questions again and again: tokenize each chat once
+    def _chat_ids(self, messages_json, grids, system_prompt):
+        """Each turn is tokenized separately, so the question/answer boundary is exact.
+        (system_prompt, which chat_prompt reads from self, is here to be part of the cache key.)"""
+        messages = json.loads(messages_json)
         ids, labels, shown = [], [], ""
         for i, m in enumerate(messages):
             if m["role"] != "assistant":
                 continue
-            prompt = self.chat_prompt(messages[:i], len(images))
-            full = self.chat_prompt(messages[:i + 1], len(images), add_generation_prompt=False)
+            prompt = self.chat_prompt(messages[:i], len(grids))
+            full = self.chat_prompt(messages[:i + 1], len(grids), add_generation_prompt=False)
             if not full.startswith(prompt):
                 raise ValueError("the chat template does not render turns as prefixes of each other")
             q = self.tokenizer.encode(prompt[len(shown):], add_special_tokens=False)
@@ -762,8 +775,7 @@ class Processor:
             ids += q + a
             labels += [-100] * len(q) + a
             shown = full
-        ids, labels, pixels = self.expand(ids, images, labels)
-        return torch.tensor(ids), torch.tensor(labels), pixels
+        return self.expand(ids, grids, labels)
 
 
 # ----------------------------------------------------------------------------- 8. loading and saving

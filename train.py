@@ -383,45 +383,54 @@ def build_model(cfg):
 
 
 class Proxy(M.VLM):
-    """Stage 1's model: a VLM with a tiny decoder, plus a word head that reads an image's tokens
-    alone and names the words its answers contain (a multi-label target, as CatLIP pre-trains a
-    ViT on the words of captions). The head is the shortest path from a loss to the ViT: a
-    decoder that is itself still learning to read the image tokens passes a weak signal back."""
+    """Stage 1's model. It shares the VLM's ViT and projector (training it trains them) and puts
+    two cheap losses on them in place of the 135M-parameter LM:
+    - a word head: each image token is compared (cosine, learned scale) with the LM's own, frozen
+      input embeddings of the training vocabulary, and an image's tokens must name the words of
+      its answers (a multi-label target, as CatLIP pre-trains a ViT on the words of captions).
+      The projector so learns to write image tokens that look to the LM like the words it will
+      have to say, and the VLM stage starts from an aligned projector instead of a random one;
+    - a tiny decoder that answers the questions from the image tokens (through a linear adapter
+      to its width): questions about relations (left of, bigger than) need more than words."""
 
-    def __init__(self, cfg, vision):
-        super().__init__(cfg, vision=vision)
-        self.word_head = nn.Linear(cfg.image_tokens * cfg.lm.lm_hidden, cfg.lm.lm_vocab)
+    def __init__(self, cfg, vlm, words):
+        super().__init__(cfg, vision=vlm.vision, projector=vlm.projector)
+        self.adapter = nn.Linear(vlm.cfg.lm.lm_hidden, cfg.lm.lm_hidden, bias=False)
+        self.register_buffer("words", F.normalize(words.float(), dim=-1), persistent=False)
+        self.word_scale = nn.Parameter(torch.tensor(math.log(10.0)))  # a learned temperature, as in CLIP
         self.word_logits = None
 
     def embed(self, input_ids, pixel_values=None):
-        x = super().embed(input_ids, pixel_values)
-        if pixel_values is not None:  # the image tokens as the decoder will see them, one row an image
-            tokens = x[input_ids == self.cfg.image_token_id]
-            self.word_logits = self.word_head(tokens.view(-1, self.cfg.image_tokens * tokens.shape[-1]))
-        return x
+        tokens = self.projector(self.vision(pixel_values.flatten(0, -4)))  # [images, k, LM width]
+        # "some token of the image is this word": a soft maximum over the image's k tokens
+        cosine = F.normalize(tokens.float(), dim=-1) @ self.words.T
+        self.word_logits = torch.logsumexp(self.word_scale.exp() * cosine, dim=1)
+        x = self.lm.tok_embed(input_ids)
+        return x.masked_scatter((input_ids == self.cfg.image_token_id)[..., None], self.adapter(tokens).to(x.dtype))
 
     def forward(self, input_ids, pixel_values=None, attention_mask=None, labels=None, image_words=None):
         logits, loss = super().forward(input_ids, pixel_values, attention_mask, labels)
         if image_words is not None and len(image_words):
             # soft-target cross-entropy, normalised like the decoder's loss (by the answer tokens),
             # so that accumulation and DDP still give exactly the gradient of one large batch
-            words = F.cross_entropy(self.word_logits.float(), image_words, reduction="sum")
+            words = F.cross_entropy(self.word_logits, image_words, reduction="sum")
             loss = loss + words / (labels[:, 1:] != -100).sum()
         return logits, loss
 
 
 def build_proxy(vlm, cfg, vocab):
-    """Stage 1's model (Proxy): the VLM's ViT (shared: training the proxy trains it) behind a projector and
-    a tiny decoder of its own. The decoder knows only `vocab`, the token ids of the training texts
-    (compact ids 1..n; 0 = any other token): a 49k-word output layer would cost more than the ViT.
-    -> (proxy, remap), remap[token id] = compact id."""
+    """Stage 1's model (Proxy) around the VLM's ViT and projector. Its decoder knows only `vocab`,
+    the token ids of the training texts (compact ids 1..n; 0 = any other token): a 49k-word output
+    layer would cost more than the ViT. -> (proxy, remap), remap[token id] = compact id."""
     remap = torch.zeros(vlm.cfg.lm.lm_vocab, dtype=torch.long)
     remap[torch.tensor(vocab)] = torch.arange(1, len(vocab) + 1)
     heads = max(1, cfg.proxy_width // 64)
     lm_cfg = M.LanguageConfig(lm_hidden=cfg.proxy_width, lm_layers=cfg.proxy_layers, lm_heads=heads, lm_kv_heads=heads,
                               lm_intermediate=4 * cfg.proxy_width, lm_vocab=len(vocab) + 1, lm_max_positions=cfg.seq_len)
+    embeddings = vlm.lm.tok_embed.weight.detach()
+    words = torch.cat([torch.zeros_like(embeddings[:1]), embeddings[torch.tensor(vocab)]])  # compact id 0: no word
     proxy = Proxy(dataclasses.replace(vlm.cfg, lm=lm_cfg, image_token_id=int(remap[vlm.cfg.image_token_id])),
-                  vlm.vision)
+                  vlm, words)
     return proxy, remap
 
 
