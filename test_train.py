@@ -11,6 +11,7 @@ import time
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import model as M
 import train
@@ -106,7 +107,8 @@ def test_packed_rows_give_the_same_per_sample_loss(tokenizer_dir, data):
 
 def test_stage1_word_targets_and_loss(tokenizer_dir, data):
     """Stage 1: each image's word target holds exactly its answer's tokens (compact ids), weighted
-    so that they sum to the number of answer tokens; the proxy adds the word head's loss."""
+    so that they sum to the number of answer tokens; the proxy adds the word head's loss, whose
+    logits are cosines with the LM's own embeddings, and trains the VLM's own ViT and projector."""
     torch.manual_seed(0)
     cfg = train.make_config("tiny", {"tokenizer": tokenizer_dir})
     vlm, processor = train.build_model(cfg)
@@ -123,6 +125,19 @@ def test_stage1_word_targets_and_loss(tokenizer_dir, data):
     with torch.no_grad():
         plain, with_words = proxy(*args)[1], proxy(*args, image_words=batch["image_words"])[1]
     assert with_words > plain > 0
+    # the word head scores image tokens against the LM's input embeddings of the compact vocabulary
+    tokens = vlm.projector(vlm.vision(batch["pixel_values"]))
+    vocab = (remap > 0).nonzero()[:, 0][remap[remap > 0].argsort()]  # token id of compact id 1, 2, ..
+    cosine = F.cosine_similarity(tokens[:, :, None], vlm.lm.tok_embed.weight[vocab][None, None], dim=-1)
+    expected = torch.logsumexp(proxy.word_scale.exp() * cosine, dim=1)
+    assert (proxy.word_logits[:, 1:] - expected).abs().max() <= 1e-4
+    # stage 1 trains the VLM's own ViT and projector (shared modules), not copies
+    assert proxy.vision is vlm.vision and proxy.projector is vlm.projector
+    before = vlm.projector.proj.weight.clone()
+    opt = torch.optim.SGD(proxy.parameters(), lr=0.1)
+    proxy(*args, image_words=batch["image_words"])[1].backward()
+    opt.step()
+    assert (vlm.projector.proj.weight - before).abs().max() > 0
 
 
 def test_micro_batches_shard_one_global_order():
