@@ -8,8 +8,9 @@
     torchrun --nproc_per_node=2 train.py --config tiny                      # DDP: NCCL on GPUs, gloo on CPU
 
 Training runs in up to two stages:
-  1. vision pre-training (--pretrain_steps > 0): the ViT learns to see through a tiny proxy
-     decoder that costs next to nothing, so it looks at far more images than the VLM could show it;
+  1. vision pre-training (--pretrain_steps > 0): the ViT and the projector learn without the LM,
+     from a word head scored against the LM's own embeddings and a tiny proxy decoder; a step
+     costs next to nothing, so the ViT looks at far more images than the VLM could show it;
   2. the VLM: ViT -> projector -> language model, loss on the assistant's answers only.
 Every setting is a field of TrainConfig; `--config NAME` picks a preset and `--field value`
 overrides one field (booleans: --name, --name true, --name false). Bad input is one `error:` line
@@ -69,7 +70,7 @@ class TrainConfig:
     # -- stage 1: vision pre-training through a tiny proxy decoder (0 steps: no stage 1)
     pretrain_steps: int = 0
     pretrain_batch_size: int = 64
-    pretrain_lr: float = 1e-3       # the ViT, its proxy projector and the proxy decoder alike
+    pretrain_lr: float = 1e-3       # the ViT, the projector, the word head and the proxy decoder alike
     proxy_width: int = 128
     proxy_layers: int = 2
     # -- stage 2: the VLM
