@@ -402,6 +402,8 @@ class Proxy(M.VLM):
         self.word_logits = None
 
     def embed(self, input_ids, pixel_values=None):
+        if pixel_values is None:  # a batch of text-only samples
+            return super().embed(input_ids)
         tokens = self.projector(self.vision(pixel_values.flatten(0, -4)))  # [images, k, LM width]
         # "some token of the image is this word": a soft maximum over the image's k tokens
         cosine = F.normalize(tokens.float(), dim=-1) @ self.words.T
