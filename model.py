@@ -407,6 +407,10 @@ class VLM(nn.Module):
         self.projector = projector or Projector(cfg)
         self.lm = lm or LanguageModel(cfg.lm)
 
+    def image_embeds(self, pixel_values):
+        """[n_img, 3, S, S] (any leading dims) -> [n_img, tokens, LM width]"""
+        return self.projector(self.vision(pixel_values.flatten(0, -4)))
+
     def embed(self, input_ids, pixel_values=None):
         x = self.lm.tok_embed(input_ids)
         is_image = input_ids == self.cfg.image_token_id
@@ -414,7 +418,7 @@ class VLM(nn.Module):
             if not torch.compiler.is_compiling() and is_image.any():
                 raise ValueError("the prompt has <image> tokens but no pixel_values were given")
             return x
-        images = self.projector(self.vision(pixel_values.flatten(0, -4)))  # [n_img, tokens, D]
+        images = self.image_embeds(pixel_values)
         if not torch.compiler.is_compiling() and int(is_image.sum()) != images.shape[0] * images.shape[1]:
             raise ValueError(f"the prompt has {int(is_image.sum())} image tokens but {images.shape[0]} "
                              f"image(s) give {images.shape[0] * images.shape[1]}: build prompts with Processor")

@@ -401,15 +401,12 @@ class Proxy(M.VLM):
         self.word_scale = nn.Parameter(torch.tensor(math.log(10.0)))  # a learned temperature, as in CLIP
         self.word_logits = None
 
-    def embed(self, input_ids, pixel_values=None):
-        if pixel_values is None:  # a batch of text-only samples
-            return super().embed(input_ids)
-        tokens = self.projector(self.vision(pixel_values.flatten(0, -4)))  # [images, k, LM width]
+    def image_embeds(self, pixel_values):
+        tokens = super().image_embeds(pixel_values)  # [images, k, LM width]
         # "some token of the image is this word": a soft maximum over the image's k tokens
         cosine = F.normalize(tokens.float(), dim=-1) @ self.words.T
         self.word_logits = torch.logsumexp(self.word_scale.exp() * cosine, dim=1)
-        x = self.lm.tok_embed(input_ids)
-        return x.masked_scatter((input_ids == self.cfg.image_token_id)[..., None], self.adapter(tokens).to(x.dtype))
+        return self.adapter(tokens)
 
     def forward(self, input_ids, pixel_values=None, attention_mask=None, labels=None, image_words=None):
         logits, loss = super().forward(input_ids, pixel_values, attention_mask, labels)
