@@ -345,6 +345,12 @@ def bench_mfu(args, device, results, rows):
 
 # ----------------------------------------------------------------------------- main
 
+def print_table(rows):
+    print(f"\n{'what':<26} {'who':<28} {'value':>10} {'vs transformers':>16}  note")
+    for what, who, value, speedup, note in rows:
+        print(f"{what:<26} {who:<28} {value:>10} {speedup:>16}  {note}")
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -361,6 +367,7 @@ def main(argv=None):
     t0 = time.perf_counter()
     sections = [bench_lm] + ([] if args.skip_train else [bench_train] + ([bench_mfu] if device.type == "cuda" else []))
     for section in sections:
+        done = len(rows)
         try:
             section(args, device, results, rows)
         except M.CheckpointError as e:
@@ -369,9 +376,9 @@ def main(argv=None):
         except Exception:  # report it and go on: one broken section must not cost the other numbers
             traceback.print_exc()
             failed.append(section.__name__)
-    print(f"\n{'what':<26} {'who':<28} {'value':>10} {'vs transformers':>16}  note")
-    for what, who, value, speedup, note in rows:
-        print(f"{what:<26} {who:<28} {value:>10} {speedup:>16}  {note}")
+        print_table(rows[done:])  # now: a run cut off later (a timeout) keeps what it measured
+    print("\nall sections:")
+    print_table(rows)
     results.update(seconds=time.perf_counter() - t0, load_average=os.getloadavg()[0], failed=failed)
     print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in results.items()}))
     return 1 if failed else 0

@@ -107,7 +107,7 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="auto: bf16 on GPUs that support it, else fp32")
     p.add_argument("--int8", action="store_true", help="int8 weight-only language model (per-channel scales)")
     p.add_argument("--compile", action="store_true", help="compile the decode step (CUDA graphs on GPU) and the "
-                                                          "prefill; the first batch pays for the compilation")
+                                                          "prefill; the first batch pays for the compilation (minutes)")
     p.add_argument("--no-stream", action="store_true", help="print a single answer when done, not token by token")
     p.add_argument("--output", metavar="FILE", help="also write one JSON line per image")
     p.add_argument("--verbose", action="store_true", help="last line: prefill time, decode tokens/s, peak memory")
