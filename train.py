@@ -111,15 +111,6 @@ PRESETS = {
         mp_pixel_shuffle=2, augment_shift=4, pretrain_steps=1500, pretrain_batch_size=64, pretrain_lr=1e-3,
         proxy_width=64, proxy_layers=1, max_steps=150, batch_size=16, lr_vision=0.0, lr_projector=1e-3, lr_lm=3e-4, lm_train_layers=4,
         warmup_steps=20, eval_interval=0, eval_samples=140),
-    # the demo sized for one GPU, where small steps are bound by kernel launches, not FLOPs: a 5M ViT
-    # that sees 4x more images a step on 5x more data, and twice the VLM batch. Measured on one H200
-    # (README): stage 1 val 94% (the default preset: 64%) in ~100 s; compiling did not repay itself
-    "demo-gpu": dict(
-        data_dir="data/synthetic-100k", synthetic=100000, vit_image_size=64, vit_patch_size=16, vit_depth=6,
-        vit_width=256, vit_heads=4, vit_mlp_dim=1024, mp_pixel_shuffle=2, augment_shift=4, pretrain_steps=3000,
-        pretrain_batch_size=256, pretrain_lr=1e-3, proxy_width=128, proxy_layers=1, max_steps=500, batch_size=32,
-        lr_vision=0.0, lr_projector=1e-3, lr_lm=3e-4, lm_train_layers=4, warmup_steps=50, eval_interval=0,
-        eval_samples=140, num_workers=8, compile=False),
     # tests and smoke runs: a tiny ViT and a tiny random LM with the real tokenizer
     "tiny": dict(
         data_dir="data/synthetic-tiny", synthetic=700, vit_image_size=32, vit_patch_size=8, vit_depth=2,
@@ -135,6 +126,14 @@ PRESETS = {
                          max_steps=5000, batch_size=8, grad_accum=8, lr_vision=5e-5, lr_projector=1e-3,
                          lr_lm=1e-4, warmup_steps=200, eval_interval=500),
 }
+
+# the demo sized for one GPU, where small steps are bound by kernel launches, not FLOPs: a 5M ViT
+# that sees 4x more images a step on 5x more data, and twice the VLM batch. Measured on one H200
+# (README): stage 1 val 94% (the default preset: 64%) in ~100 s; compiling did not repay itself
+PRESETS["demo-gpu"] = {**PRESETS["default"], "data_dir": "data/synthetic-100k", "synthetic": 100000,
+                       "vit_depth": 6, "vit_width": 256, "vit_heads": 4, "vit_mlp_dim": 1024, "pretrain_steps": 3000,
+                       "pretrain_batch_size": 256, "proxy_width": 128, "max_steps": 500, "batch_size": 32,
+                       "warmup_steps": 50, "num_workers": 8, "compile": False}
 
 # --lm NAME: a randomly initialised LM of this shape (the real ones, and a tiny one for tests)
 LM_SHAPES = {**M.LM_PRESETS, "tiny": M.LanguageConfig(lm_hidden=64, lm_layers=2, lm_heads=4, lm_kv_heads=2,
