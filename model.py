@@ -715,7 +715,7 @@ class Processor:
 
     def expand(self, ids, grids, labels=None):
         """Replace each <image> placeholder id by the tokens of its image's prompt (labels -100
-        there); grids: (rows, cols) of each image's tiles, from tiles(). -> (ids, labels)."""
+        there); grids: (rows, cols) of each image's tiles, from prepare_images(). -> (ids, labels)."""
         if ids.count(self.image_token_id) != len(grids):
             raise ValueError(f"the text has {ids.count(self.image_token_id)} <image> placeholders "
                              f"but {len(grids)} images were given")
@@ -728,9 +728,11 @@ class Processor:
             out_labels += [-100] * len(seq) if t == self.image_token_id else [label]
         return out_ids, out_labels
 
-    def pixels(self, tiled):
-        """tiles() of each image -> every tile as a normalised tensor, in reading order."""
-        return [self._to_tensor(tile) for tiles, _, _ in tiled for tile in tiles]
+    def prepare_images(self, images):
+        """-> (grids: (rows, cols) of each image's tiles, for expand(); pixels: every tile as a
+        normalised tensor, in reading order)."""
+        tiled = [self.tiles(image) for image in images]
+        return tuple(t[1:] for t in tiled), [self._to_tensor(tile) for tiles, _, _ in tiled for tile in tiles]
 
     def __call__(self, texts, images=None):
         """texts: a string or a list; images: per text a list of images (paths or PIL).
@@ -742,10 +744,9 @@ class Processor:
             images = [images] if len(texts) == 1 else [[i] for i in images]
         ids, pixels = [], []
         for text, imgs in zip(texts, images):
-            tiled = [self.tiles(image) for image in imgs]
-            seq, _ = self.expand(self.tokenizer.encode(text, add_special_tokens=False), [t[1:] for t in tiled])
-            ids.append(seq)
-            pixels += self.pixels(tiled)
+            grids, tiles = self.prepare_images(imgs)
+            ids.append(self.expand(self.tokenizer.encode(text, add_special_tokens=False), grids)[0])
+            pixels += tiles
         T = max(map(len, ids))
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         out = {"input_ids": torch.tensor([[pad] * (T - len(i)) + i for i in ids]),
@@ -757,9 +758,9 @@ class Processor:
         """Training sample -> (input_ids, labels, pixel tiles). Labels are -100 except on the
         assistant answers (and their end-of-turn token): the model learns to answer, not to
         predict the question."""
-        tiled = [self.tiles(image) for image in images]
-        ids, labels = self._chat_ids(json.dumps(messages), tuple(t[1:] for t in tiled), self.system_prompt)
-        return torch.tensor(ids), torch.tensor(labels), self.pixels(tiled)
+        grids, pixels = self.prepare_images(images)
+        ids, labels = self._chat_ids(json.dumps(messages), grids, self.system_prompt)
+        return torch.tensor(ids), torch.tensor(labels), pixels
 
     @functools.lru_cache(maxsize=1 << 16)  # VQA data asks the same questions again and again: tokenize each chat once
     def _chat_ids(self, messages_json, grids, system_prompt):

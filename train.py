@@ -643,17 +643,17 @@ def plot(log_path, png_path):
     import matplotlib.pyplot as plt
     rows = [json.loads(line) for line in open(log_path)]
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
-    for stage, color in (("pretrain", "tab:gray"), ("vlm", "tab:blue")):
+    # stage, colour, labels of its training loss, validation loss and accuracy curves
+    for stage, color, train_label, val_label, acc_label in (
+            ("pretrain", "tab:gray", "pretrain: train (decoder + word head)", "pretrain: val (decoder)", "proxy decoder"),
+            ("vlm", "tab:blue", "vlm: train", "vlm: val", "VLM")):
         r = [x for x in rows if x["stage"] == stage and "loss" in x]
         e = [x for x in r if "val_loss" in x]
         if not r:
             continue
-        train_label = "pretrain: train (decoder + word head)" if stage == "pretrain" else f"{stage}: train"
         a.plot([x["step"] for x in r], [x["loss"] for x in r], color=color, lw=0.8, label=train_label)
-        a.plot([x["step"] for x in e], [x["val_loss"] for x in e], "o-", color=color, ms=3, label=f"{stage}: val (decoder)"
-               if stage == "pretrain" else f"{stage}: val")
-        b.plot([x["step"] for x in e], [x["accuracy"] for x in e], "o-", color=color, ms=3,
-               label="proxy decoder" if stage == "pretrain" else "VLM")
+        a.plot([x["step"] for x in e], [x["val_loss"] for x in e], "o-", color=color, ms=3, label=val_label)
+        b.plot([x["step"] for x in e], [x["accuracy"] for x in e], "o-", color=color, ms=3, label=acc_label)
     a.set(xlabel="step", ylabel="loss on answer tokens", yscale="log")
     b.set(xlabel="step", ylabel="held-out exact match (mean over types)", ylim=(0, 1.02))
     a.legend(fontsize=8)
