@@ -179,6 +179,26 @@ def load_model(args, device, dtype):
     return vlm, proc
 
 
+def unfinished_training(model_dir):
+    """A warning line if model_dir holds a train.py run that stopped before its VLM stage ended
+    (Ctrl-C, a crash): such weights answer badly, and `--resume` would finish them. Else None."""
+    path = os.path.join(model_dir, "train_state.safetensors")
+    if not os.path.isfile(path):
+        return None
+    from safetensors import safe_open
+    try:
+        with safe_open(path, "pt") as f:
+            meta = json.loads(f.metadata()["picovlm"])
+        stage, step, total = meta["state"]["stage"], meta["state"]["step"], meta["config"]["max_steps"]
+    except Exception:  # noqa: BLE001 - an unreadable training state only means no warning; the model loaded
+        return None
+    if stage in ("vlm", "done") and step >= total:
+        return None
+    where = "before its VLM stage" if stage == "pretrain" else f"at VLM step {step} of {total}"
+    return (f"warning: {model_dir} is from a training run that stopped {where}; its answers may be poor "
+            f"(finish it: python train.py --out_dir {model_dir} --resume)")
+
+
 def load_images(paths, report):
     """-> (good paths, RGB images); each bad image is reported (one line) and skipped."""
     from PIL import Image
@@ -259,6 +279,8 @@ def run(args):
     dtype = pick_dtype(args.dtype, device)
     paths, many = expand_images(args.image)
     vlm, proc = load_model(args, device, dtype)
+    if os.path.isdir(args.model) and (warning := unfinished_training(args.model)):
+        print(warning, file=sys.stderr)
     tok, n, context = proc.tokenizer, args.num_samples, vlm.cfg.lm.lm_max_positions
     text = proc.chat_prompt(args.prompt, 1)
     if len(tok.encode(text, add_special_tokens=False)) + proc.tokens_per_image + args.max_new_tokens > context:

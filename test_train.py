@@ -12,7 +12,9 @@ import time
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
+import generate
 import model as M
 import train
 
@@ -206,7 +208,7 @@ def test_two_gloo_processes_equal_one(tmp_path, tokenizer_dir, data):
     assert max(abs(x["loss"] - y["loss"]) for x, y in zip(a, b)) <= 1e-5
 
 
-def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(tmp_path, tokenizer_dir, data):
+def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(tmp_path, tokenizer_dir, data, capsys):
     out = tmp_path / "out"
     p = subprocess.Popen([sys.executable, os.path.join(HERE, "train.py"),
                           *tiny(tokenizer_dir, data, out, "--pretrain_steps", "2", "--max_steps", "100000",
@@ -219,9 +221,17 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(tmp_path, tokenizer_dir, 
     assert p.returncode == 130 and "checkpoint saved" in err and "Traceback" not in err, err[-3000:]
     step = train.read_state(out)[0]["state"]["step"] + 2  # + the 2 pretraining steps
     assert log(out)[-1]["step"] == step
+    # generate.py on the unfinished run answers, with a warning naming the fix
+    image = tmp_path / "red.png"
+    Image.new("RGB", (32, 32), "red").save(image)
+    caption = ["--model", str(out), "--image", str(image), "--max-new-tokens", "2", "--device", "cpu"]
+    assert generate.main(caption) == 0
+    err = capsys.readouterr().err
+    assert f"stopped at VLM step {step - 2} of 100000" in err and "--resume" in err, err
     r = run(["--resume", "--out_dir", str(out), "--max_steps", str(step - 2 + 2)])
     assert r.returncode == 0, r.stderr[-3000:]
     assert [x["step"] for x in log(out)] == list(range(1, step + 3))
+    assert generate.main(caption) == 0 and "warning" not in capsys.readouterr().err  # finished: no warning
 
 
 def test_corrupt_images_are_skipped_and_counted(tmp_path, tokenizer_dir, data):
