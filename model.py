@@ -155,6 +155,14 @@ class VisionTransformer(nn.Module):
             self.register_buffer("pos_embed", sincos_2d(g, g, cfg.vit_width), persistent=False)
         self.blocks = nn.ModuleList(VisionBlock(cfg) for _ in range(cfg.vit_depth))
         self.post_ln = nn.LayerNorm(cfg.vit_width, eps=cfg.vit_ln_eps)
+        # from scratch, initialise as ViT's reference code does (xavier-uniform matrices, zero
+        # biases, LeCun-normal patches): PyTorch's defaults learned to read words ~2x slower (README)
+        for m in [*self.modules()]:
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        nn.init.trunc_normal_(self.patch_embed.weight, std=self.patch_embed.weight[0].numel() ** -0.5)
+        nn.init.zeros_(self.patch_embed.bias)
 
     def position_embedding(self, grid_h, grid_w):
         g = self.cfg.vit_image_size // self.cfg.vit_patch_size

@@ -214,7 +214,10 @@ def test_gguf_answers_capital_of_france(smollm, tokenizer):
 
 
 def test_kv_cache_equals_full_forward(smollm):
-    ids = torch.randint(0, 49152, (1, 24))
+    """Cached and uncached paths run different fp32 kernels (masked vs causal attention, other
+    matmul shapes): over 8 seeds of random ids the logits (up to ~37) differed by 5e-5 to 6e-4,
+    so 1e-3 (~3e-5 relative); a cache bug (wrong slot or position) moves them by > 0.1."""
+    ids = torch.randint(0, 49152, (1, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         full = smollm(ids)
         smollm.setup_cache(1, 32)
@@ -224,7 +227,7 @@ def test_kv_cache_equals_full_forward(smollm):
         for t in range(10, 24):  # then one token at a time from the cache
             step_logits.append(smollm(ids[:, t:t + 1], attention_mask=mask, position_ids=torch.tensor([[t]]),
                                       slots=torch.tensor([t])))
-    assert max_diff(torch.cat(step_logits, 1), full) <= 1e-4
+    assert max_diff(torch.cat(step_logits, 1), full) <= 1e-3
 
 
 def test_left_padded_batch_generates_like_single(smollm, tokenizer):
