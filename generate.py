@@ -181,16 +181,17 @@ def load_model(args, device, dtype):
 
 def unfinished_training(model_dir):
     """A warning line if model_dir holds a train.py run that stopped before its VLM stage ended
-    (Ctrl-C, a crash): such weights answer badly, and `--resume` would finish them. Else None."""
+    (Ctrl-C, a crash): such weights answer badly, and `--resume` would finish them. Else None.
+    Reads only the metadata of train.py's STATE_FILE, not its tensors (the optimizer state)."""
     path = os.path.join(model_dir, "train_state.safetensors")
     if not os.path.isfile(path):
         return None
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
     try:
         with safe_open(path, "pt") as f:
             meta = json.loads(f.metadata()["picovlm"])
         stage, step, total = meta["state"]["stage"], meta["state"]["step"], meta["config"]["max_steps"]
-    except Exception:  # noqa: BLE001 - an unreadable training state only means no warning; the model loaded
+    except (SafetensorError, OSError, KeyError, TypeError, ValueError):  # unreadable: no warning, the model loaded
         return None
     if stage in ("vlm", "done") and step >= total:
         return None

@@ -157,7 +157,7 @@ class VisionTransformer(nn.Module):
         self.post_ln = nn.LayerNorm(cfg.vit_width, eps=cfg.vit_ln_eps)
         # from scratch, initialise as ViT's reference code does (xavier-uniform matrices, zero
         # biases, LeCun-normal patches): PyTorch's defaults learned to read words ~2x slower (README)
-        for m in [*self.modules()]:
+        for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
                 nn.init.zeros_(m.bias)
