@@ -108,7 +108,7 @@ PRESETS = {
     # patch 16 and pixel shuffle 2 (4 LM tokens an image) keep both stages cheap on a small CPU
     "default": dict(
         vit_image_size=64, vit_patch_size=16, vit_depth=4, vit_width=128, vit_heads=2, vit_mlp_dim=512,
-        mp_pixel_shuffle=2, augment_shift=4, pretrain_steps=2500, pretrain_batch_size=64, pretrain_lr=1e-3,
+        mp_pixel_shuffle=2, augment_shift=4, pretrain_steps=2200, pretrain_batch_size=64, pretrain_lr=1e-3,
         proxy_width=64, proxy_layers=1, max_steps=150, batch_size=16, lr_vision=0.0, lr_projector=1e-3, lr_lm=3e-4, lm_train_layers=4,
         warmup_steps=20, eval_interval=0, eval_samples=140),
     # tests and smoke runs: a tiny ViT and a tiny random LM with the real tokenizer
