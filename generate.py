@@ -181,17 +181,12 @@ def load_model(args, device, dtype):
 
 def unfinished_training(model_dir):
     """A warning line if model_dir holds a train.py run that stopped before its VLM stage ended
-    (Ctrl-C, a crash): such weights answer badly, and `--resume` would finish them. Else None.
-    Reads only the metadata of train.py's STATE_FILE, not its tensors (the optimizer state)."""
-    path = os.path.join(model_dir, "train_state.safetensors")
-    if not os.path.isfile(path):
-        return None
-    from safetensors import SafetensorError, safe_open
+    (Ctrl-C, a crash): such weights answer badly, and `--resume` would finish them. Else None."""
+    import train
     try:
-        with safe_open(path, "pt") as f:
-            meta = json.loads(f.metadata()["picovlm"])
+        meta, _ = train.read_state(model_dir, tensors=False)
         stage, step, total = meta["state"]["stage"], meta["state"]["step"], meta["config"]["max_steps"]
-    except (SafetensorError, OSError, KeyError, TypeError, ValueError):  # unreadable: no warning, the model loaded
+    except (train.UsageError, KeyError, TypeError):  # no (readable) training state: nothing to warn about
         return None
     if stage in ("vlm", "done") and step >= total:
         return None

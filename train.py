@@ -514,7 +514,8 @@ def save_state(out_dir, model, opt, scaler, state, cfg):
     M.atomic_write(os.path.join(out_dir, STATE_FILE), data)
 
 
-def read_state(out_dir):
+def read_state(out_dir, tensors=True):
+    """-> (metadata, tensors); tensors=False reads the metadata only ({} for the tensors)."""
     from safetensors import SafetensorError, safe_open
     path = os.path.join(out_dir, STATE_FILE)
     if not os.path.exists(path):
@@ -522,7 +523,7 @@ def read_state(out_dir):
     try:
         with safe_open(path, "pt") as f:
             meta = json.loads(f.metadata()["picovlm"])
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            tensors = {k: f.get_tensor(k) for k in f.keys()} if tensors else {}
     except (SafetensorError, OSError, KeyError, TypeError, ValueError) as e:
         raise UsageError(f"{path}: unreadable training state ({e})") from None
     return meta, tensors
