@@ -14,7 +14,9 @@ Measured:
            model cast to bf16 (no autocast: what pure-bf16 training would cost).
   prefill  logits of 1 x 256 tokens, SmolLM2-135M from the offline GGUF.
   decode   batch-1 greedy tokens/s after a 32-token prompt (prefill excluded: time(n+1 tokens)
-           - time(1 token)), against AutoModelForCausalLM(gguf_file=...).generate.
+           - time(1 token)), against AutoModelForCausalLM(gguf_file=...).generate; and the
+           step under torch.compile (generate.py --compile): on CUDA bf16 as a CUDA graph, on a
+           CPU (not --quick: compiling takes minutes on 2 cores) fp32 and int8.
 Runs of the contestants alternate (A B A B ...) and medians are reported, so a machine that
 slows down mid-run slows both. speedup = picoVLM speed / transformers speed (> 1: faster).
 The memory bandwidth is measured (sum of a large tensor), and the decode limit is that
@@ -171,20 +173,20 @@ def bench_lm(args, device, results, rows):
         runs = {"transformers fp32": decode_seconds(lambda n: ref_gen(ref, n))}
         runs |= {f"picoVLM {k}": decode_seconds(lambda n, k=k: ours_gen(variants[k], n)) for k in variants}
         # --compile: on CUDA the bf16 step as a CUDA graph (vs transformers bf16); on CPU (not --quick:
-        # inductor takes minutes on 2 cores) the fp32 step
-        compiled = "bf16" if device.type == "cuda" else None if args.quick else "fp32"
-        if compiled == "bf16":
+        # inductor takes minutes on 2 cores) the fp32 and the int8 step
+        compiled = ["bf16"] if device.type == "cuda" else [] if args.quick else ["fp32", "int8"]
+        if "bf16" in compiled:
             ref_bf16 = copy.deepcopy(ref).to(torch.bfloat16)
             runs["transformers bf16"] = decode_seconds(lambda n: ref_gen(ref_bf16, n))
-        if compiled:
+        for kind in compiled:
             fns = G.compile_generation(device)
             t0 = time.perf_counter()
             try:
-                ours_gen(variants[compiled], 2, fns)
-                runs[f"picoVLM {compiled} --compile"] = decode_seconds(lambda n: ours_gen(variants[compiled], n, fns))
-                print(f"decode step compiled in {time.perf_counter() - t0:.0f} s")
+                ours_gen(variants[kind], 2, fns)
+                runs[f"picoVLM {kind} --compile"] = decode_seconds(lambda n, k=kind, f=fns: ours_gen(variants[k], n, f))
+                print(f"{kind} decode step compiled in {time.perf_counter() - t0:.0f} s")
             except Exception as e:  # a compiler failure must not cost the other numbers
-                print(f"--compile decode skipped: {type(e).__name__}: {str(e)[:300]}")
+                print(f"--compile {kind} decode skipped: {type(e).__name__}: {str(e)[:300]}")
         t0 = time.perf_counter()
         decode = alternate(runs, args.reps, device)
         rate = {k: n_new / v for k, v in decode.items()}
@@ -201,9 +203,11 @@ def bench_lm(args, device, results, rows):
                        decode_tokens_per_s=rate["picoVLM fp32"], decode_transformers_tokens_per_s=rate["transformers fp32"],
                        decode_bf16_tokens_per_s=rate["picoVLM bf16"], decode_int8_tokens_per_s=rate["picoVLM int8"],
                        **{f"decode_{k}_speedup": rate[f"picoVLM {k}"] / rate["transformers fp32"] for k in variants})
-        if f"picoVLM {compiled} --compile" in rate:
-            results["decode_compiled_tokens_per_s"] = rate[f"picoVLM {compiled} --compile"]
-            results["decode_compile_speedup"] = rate[f"picoVLM {compiled} --compile"] / rate[f"transformers {compiled}"]
+        for kind in compiled:  # vs transformers in the same precision (fp32 for int8)
+            if f"picoVLM {kind} --compile" in rate:
+                ref_kind = "transformers bf16" if kind == "bf16" else "transformers fp32"
+                results[f"decode_{kind}_compiled_tokens_per_s"] = rate[f"picoVLM {kind} --compile"]
+                results[f"decode_{kind}_compiled_speedup"] = rate[f"picoVLM {kind} --compile"] / rate[ref_kind]
 
         # prefill: logits of all 256 positions from both; bf16/int8 only where bf16 matmuls are native
         runs = {"transformers fp32": lambda: timed(lambda: ref(prefill_ids), device),

@@ -39,13 +39,16 @@ class Int8Linear(nn.Module):
         scale = w.abs().amax(1).clamp(min=1e-12) / 127
         self.register_buffer("weight", torch.round(w / scale[:, None]).to(torch.int8).contiguous())
         self.register_buffer("scale", scale)
+        # the CPU kernel's scales, converted once: torch.compile cannot lower the kernel on a copy
+        # converted in the graph. Not a buffer: model.to(torch.float32) must leave it bf16
+        self.scale_bf16 = scale.to(torch.bfloat16)
 
     def forward(self, x):
         if x.device.type == "cpu" and self.weight.shape[1] % 8 == 0:  # other K crash the kernel
             # ATen's CPU kernel converts int8 in registers and never writes a float copy of the
             # weight. Its fast path takes bf16 activations (fp32 ones ran 5-25x slower here).
             y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, x.shape[-1]).to(torch.bfloat16),
-                                                   self.weight, self.scale.to(torch.bfloat16))
+                                                   self.weight, self.scale_bf16)
             return y.view(*x.shape[:-1], -1).to(x.dtype)
         # elsewhere: a float copy of the weight per call (right, but slower than bf16 weights
         # unless torch.compile fuses the cast into the matmul)

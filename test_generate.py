@@ -130,8 +130,10 @@ def test_directory_glob_and_samples(ckpt, images, tmp_path, capsys):
         f"{images[n]} #{k}" for n in ("red", "red_rgba") for k in (1, 2))
 
 
-def test_int8_model_gives_the_same_answers(ckpt, images, capsys):
-    argv = ["--model", ckpt, "--greedy", "--int8", "--no-stream"]
+@pytest.mark.parametrize("compiled", [False, True])
+def test_int8_model_gives_the_same_answers(ckpt, images, capsys, compiled):
+    """--int8, eager and with --compile (on CPU inductor must keep ATen's int8 kernel in its graph)."""
+    argv = ["--model", ckpt, "--greedy", "--int8", "--no-stream"] + ["--compile"] * compiled
     assert generate.main(argv + ["--image", images["blue_cmyk"], "--image", images["red"]]) == 0
     assert capsys.readouterr().out.strip().splitlines() == [f"{images['blue_cmyk']}: blue", f"{images['red']}: red"]
 

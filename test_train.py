@@ -107,6 +107,23 @@ def test_packed_rows_give_the_same_per_sample_loss(tokenizer_dir, data):
     assert padded["attention_mask"] is None and abs(loss(padded) - loss(packed)) <= 1e-5
 
 
+def test_cached_samples_are_decoded_once(tokenizer_dir, data, tmp_path):
+    """cache_data: a sample's second draw comes from memory (its image file is gone by then) with
+    the same tokens and pixels; the image shift still depends on the draw's stream position."""
+    processor = train.build_model(train.make_config("tiny", {"tokenizer": tokenizer_dir}))[1]
+    records = train.load_split(data, "train")[:2]
+    for r in records:
+        shutil.copy(os.path.join(data, r["images"][0]), tmp_path / os.path.basename(r["images"][0]))
+        r["images"] = [str(tmp_path / os.path.basename(r["images"][0]))]
+    ds = train.ChatDataset(records, processor, 2048, shift=2, cache=True)
+    first = ds[(0, 5)]
+    os.remove(records[0]["images"][0])
+    again = ds[(0, 5)]
+    assert torch.equal(first[0], again[0]) and torch.equal(first[2][0], again[2][0])
+    assert any(not torch.equal(first[2][0], ds[(0, p)][2][0]) for p in range(6, 12))
+    assert train.ChatDataset(records, processor, 2048)[(0, 5)] is None  # uncached: the missing image is skipped
+
+
 def test_stage1_word_targets_and_loss(tokenizer_dir, data):
     """Stage 1: each image's word target holds exactly its answer's tokens (compact ids), weighted
     so that they sum to the number of answer tokens; the proxy adds the word head's loss, whose
@@ -154,6 +171,25 @@ def test_micro_batches_shard_one_global_order():
         next(fresh)
     assert [next(resumed) for _ in range(4)] == [next(fresh) for _ in range(4)]
 
+
+
+def test_type_weights_change_the_mix_and_resume_exactly():
+    """--type_weights: a type of weight 0 is never drawn, one of weight 3 about 3x as often as one
+    of weight 1 (6000 draws: within 2.5-3.5x); a resumed stream continues the same draws."""
+    records = [{"type": t} for t in ("a", "b", "c") * 10]
+    weights = train.sample_weights(records, "b=0,c=3")
+    assert train.sample_weights(records, "") is None
+    draws = iter(train.MicroBatches(30, 60, 1, 0, 1, seed=0, weights=weights))
+    types = [records[i]["type"] for _ in range(100) for i, _ in next(draws)]
+    assert types.count("b") == 0 and 2.5 <= types.count("c") / types.count("a") <= 3.5
+    resumed = iter(train.MicroBatches(30, 4, 1, 0, 1, seed=0, start=44, weights=weights))
+    fresh = iter(train.MicroBatches(30, 4, 1, 0, 1, seed=0, weights=weights))
+    for _ in range(11):
+        next(fresh)
+    assert [next(resumed) for _ in range(5)] == [next(fresh) for _ in range(5)]
+    for bad in ("color", "color=x", "color=-1"):
+        with pytest.raises(train.UsageError):
+            train.make_config("tiny", {"type_weights": bad})
 
 # ----------------------------------------------------------------------------- runs
 

@@ -54,6 +54,9 @@ class TrainConfig:
     packing: bool = False           # several samples per row; attention stays within a sample and positions restart per sample
     augment_shift: int = 0          # shift each training image by up to this many pixels (edges repeated): more distinct images
     num_workers: int = 1            # DataLoader worker processes
+    type_weights: str = ""          # VLM stage: each question type's (records' "type") sampling weight, e.g. "color=0.3,text=2"; others 1
+    cache_data: bool = False        # keep each decoded training sample in memory after its first use: for small
+                                    # sets (the synthetic one: 49 KB a 64 px image, ~1 GB; in each worker)
     # -- model
     init_from: str = ""             # fine-tune this picoVLM or SmolVLM/Idefics3 checkpoint (directory or hub id) instead of --vision/--lm
     vision: str = "scratch"         # "scratch": a new SigLIP-architecture ViT shaped by the vit_* fields; or a SigLIP directory / hub id
@@ -71,6 +74,7 @@ class TrainConfig:
     pretrain_steps: int = 0
     pretrain_batch_size: int = 64
     pretrain_lr: float = 1e-3       # the ViT, the projector, the word head and the proxy decoder alike
+    pretrain_type_weights: str = "" # stage 1's type_weights
     proxy_width: int = 128
     proxy_layers: int = 2
     # -- stage 2: the VLM
@@ -108,7 +112,9 @@ PRESETS = {
     # patch 16 and pixel shuffle 2 (4 LM tokens an image) keep both stages cheap on a small CPU
     "default": dict(
         vit_image_size=64, vit_patch_size=16, vit_depth=4, vit_width=128, vit_heads=2, vit_mlp_dim=512,
-        mp_pixel_shuffle=2, augment_shift=4, pretrain_steps=2200, pretrain_batch_size=64, pretrain_lr=1e-3,
+        mp_pixel_shuffle=2, augment_shift=4, cache_data=True, pretrain_steps=2600, pretrain_batch_size=64, pretrain_lr=1e-3,
+        # the ViT learns colour and size first and reading words last: stage 1 shows it more words
+        pretrain_type_weights="color=0.25,size=0.25,text=2", type_weights="text=2",
         proxy_width=64, proxy_layers=1, max_steps=150, batch_size=16, lr_vision=0.0, lr_projector=1e-3, lr_lm=3e-4, lm_train_layers=4,
         warmup_steps=20, eval_interval=0, eval_samples=140),
     # tests and smoke runs: a tiny ViT and a tiny random LM with the real tokenizer
@@ -129,11 +135,12 @@ PRESETS = {
 
 # the demo sized for one GPU, where small steps are bound by kernel launches, not FLOPs: a 5M ViT
 # that sees 4x more images a step on 5x more data, and twice the VLM batch. Measured on one H200
-# (README): stage 1 val 94% (the default preset: 64%) in ~100 s; compiling did not repay itself
+# (README): stage 1 val 94% (the default preset: 64%) in ~100 s; compiling did not repay itself.
+# No sample cache: each of the 8 workers would end up holding all 100k samples (~5 GB)
 PRESETS["demo-gpu"] = {**PRESETS["default"], "data_dir": "data/synthetic-100k", "synthetic": 100000,
                        "vit_depth": 6, "vit_width": 256, "vit_heads": 4, "vit_mlp_dim": 1024, "pretrain_steps": 3000,
                        "pretrain_batch_size": 256, "proxy_width": 128, "max_steps": 500, "batch_size": 32,
-                       "warmup_steps": 50, "num_workers": 8, "compile": False}
+                       "warmup_steps": 50, "num_workers": 8, "cache_data": False, "compile": False}
 
 # --lm NAME: a randomly initialised LM of this shape (the real ones, and a tiny one for tests)
 LM_SHAPES = {**M.LM_PRESETS, "tiny": M.LanguageConfig(lm_hidden=64, lm_layers=2, lm_heads=4, lm_kv_heads=2,
@@ -199,6 +206,11 @@ def make_config(preset, overrides):
               ("vit_pos_embed", cfg.vit_pos_embed in ("sincos2d", "learned")),
               ("device", cfg.device in ("auto", "cpu", "cuda", "mps")),
               ("dtype", cfg.dtype in ("auto", "fp32", "bf16", "fp16"))]
+    for name in ("type_weights", "pretrain_type_weights"):
+        try:
+            type_weights(getattr(cfg, name))
+        except ValueError:
+            raise UsageError(f"--{name} {getattr(cfg, name)!r}: expected TYPE=WEIGHT,... with weights >= 0") from None
     for name, ok in checks:
         if not ok:
             raise UsageError(f"--{name} {getattr(cfg, name)!r} is out of range")
@@ -211,27 +223,39 @@ class ChatDataset(torch.utils.data.Dataset):
     """Records -> (input_ids, labels, pixel tiles, type). A sample whose image cannot be read, with
     no answer to learn or longer than seq_len is None: the collate skips and counts it.
     A key (index, position) marks a training draw: its image shift is seeded by the position in
-    the sample stream, so a resumed run sees exactly the same pixels."""
+    the sample stream, so a resumed run sees exactly the same pixels. With cache, each decoded
+    sample is kept (decoding the PNGs again took a quarter of the demo's stage-1 time)."""
 
-    def __init__(self, records, processor, seq_len, shift=0, seed=0):
+    def __init__(self, records, processor, seq_len, shift=0, seed=0, cache=False):
         self.records, self.processor, self.seq_len, self.shift, self.seed = records, processor, seq_len, shift, seed
+        self.cache = {} if cache else None
 
     def __len__(self):
         return len(self.records)
 
-    def __getitem__(self, key):
-        i, position = key if isinstance(key, tuple) else (key, None)
+    def encoded(self, i):
+        if self.cache is not None and i in self.cache:
+            return self.cache[i]
         r = self.records[i]
         try:
             ids, labels, pixels = self.processor.encode_chat(r["messages"], r["images"])
+            sample = None if len(ids) > self.seq_len or (labels == -100).all() else (ids, labels, pixels)
         except M.CheckpointError:  # unreadable or missing image
+            sample = None
+        if self.cache is not None:
+            self.cache[i] = sample
+        return sample
+
+    def __getitem__(self, key):
+        i, position = key if isinstance(key, tuple) else (key, None)
+        sample = self.encoded(i)
+        if sample is None:
             return None
-        if len(ids) > self.seq_len or (labels == -100).all():
-            return None
+        ids, labels, pixels = sample
         if self.shift and position is not None:
             g = torch.Generator().manual_seed(hash((self.seed, position)) & 0x7FFFFFFF)
             pixels = [shifted(p, self.shift, g) for p in pixels]
-        return ids, labels, pixels, r.get("type", "")
+        return ids, labels, pixels, self.records[i].get("type", "")
 
 
 def shifted(tile, k, g):
@@ -281,15 +305,41 @@ def collate(samples, pack_len=0, remap=None):
             "supervised": int((labels[:, 1:] != -100).sum())}
 
 
+def type_weights(text):
+    """"color=0.3,size=0.5" -> {"color": 0.3, "size": 0.5}; ValueError when malformed."""
+    weights = {name.strip(): float(w) for name, w in (item.split("=") for item in text.split(",") if item.strip())}
+    if any(not w >= 0 for w in weights.values()):
+        raise ValueError(text)
+    return weights
+
+
+def sample_weights(records, text):
+    """Each record's sampling weight (its type's in --type_weights, else 1); None: all equal."""
+    weights = type_weights(text)
+    if not weights:
+        return None
+    w = torch.tensor([weights.get(r.get("type", ""), 1.0) for r in records], dtype=torch.float64)
+    if not w.sum() > 0:
+        raise UsageError(f"type weights {text!r} give every training sample weight 0")
+    return w
+
+
 class MicroBatches:
     """This process's micro-batches as (index, position) keys, from data position `start` (samples
-    used by earlier steps) on; one seeded permutation of the data per epoch. Global step g takes
-    stream positions [g*G, (g+1)*G), G = batch * accum * world, and its micro-batch (k, rank) is
-    chunk k*world + rank: so 1 process x accum 2 and 2 processes x accum 1 see the same batches."""
+    used by earlier steps) on; one seeded permutation of the data per epoch (with `weights`, n
+    seeded draws with replacement instead). Global step g takes stream positions [g*G, (g+1)*G),
+    G = batch * accum * world, and its micro-batch (k, rank) is chunk k*world + rank: so 1 process
+    x accum 2 and 2 processes x accum 1 see the same batches."""
 
-    def __init__(self, n, batch, accum, rank, world, seed, start=0):
+    def __init__(self, n, batch, accum, rank, world, seed, start=0, weights=None):
         self.n, self.batch, self.accum, self.rank, self.world, self.seed = n, batch, accum, rank, world, seed
-        self.start = start
+        self.start, self.weights = start, weights
+
+    def epoch_order(self, epoch):
+        g = torch.Generator().manual_seed(self.seed + epoch)
+        if self.weights is None:
+            return torch.randperm(self.n, generator=g)
+        return torch.multinomial(self.weights, self.n, replacement=True, generator=g)
 
     def __iter__(self):
         G = self.batch * self.accum * self.world
@@ -301,7 +351,7 @@ class MicroBatches:
                 for position in range(lo, lo + self.batch):
                     if position // self.n != epoch:
                         epoch = position // self.n
-                        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch))
+                        order = self.epoch_order(epoch)
                     keys.append((int(order[position % self.n]), position))
                 yield keys
             step += 1
@@ -600,6 +650,9 @@ def final_evaluation(vlm, processor, records, device, autocast, batch_size=64):
     (normalize()). -> accuracy (the mean over types, each type counting the same), per type."""
     vlm.eval()
     tok, stop = processor.tokenizer, processor.stop_ids
+    # the same questions in one batch: a batch decodes until its longest answer is done, so long
+    # answers (captions) are best kept together (the demo's test split: 35 s instead of 63 s)
+    records = sorted(records, key=lambda r: str(r["messages"][:-1]))
     max_new = max(len(tok.encode(r["messages"][-1]["content"], add_special_tokens=False)) for r in records) + 2
     right, unreadable = {}, 0
     for i in range(0, len(records), batch_size):
@@ -764,7 +817,8 @@ def train_stage(run, stage, model, groups, dataset, steps, batch_size, accum, st
            if run.world > 1 else model)
     params = [p for g in groups for p in g["params"]]
     decay_steps = (cfg.lr_decay_steps or steps) if stage == "vlm" else steps
-    batches = MicroBatches(len(dataset), batch_size, accum, run.rank, run.world, cfg.seed, state["samples"])
+    weights = sample_weights(dataset.records, cfg.type_weights if stage == "vlm" else cfg.pretrain_type_weights)
+    batches = MicroBatches(len(dataset), batch_size, accum, run.rank, run.world, cfg.seed, state["samples"], weights)
     data = iter(loader(dataset, batches, cfg.num_workers, cfg.seq_len if cfg.packing else 0, remap))
     flops_per_token = 6 * sum(p.numel() for n, p in model.named_parameters() if "embed" not in n)
     bar = None
@@ -903,7 +957,7 @@ def train(cfg, explicit):
     else:  # (a run that resumes inside stage 1 rebuilds the VLM it started from: same seed, same weights)
         vlm, processor = build_model(cfg)
     vlm.to(run.device)
-    train_set = ChatDataset(train_records, processor, cfg.seq_len, cfg.augment_shift, cfg.seed)
+    train_set = ChatDataset(train_records, processor, cfg.seq_len, cfg.augment_shift, cfg.seed, cfg.cache_data)
     val_set = ChatDataset(val_records[:cfg.eval_samples], processor, cfg.seq_len)
     val_chunks = [list(range(i, min(i + 32, len(val_set)))) for i in range(0, len(val_set), 32)]
     if run.main:
