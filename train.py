@@ -208,7 +208,7 @@ def make_config(preset, overrides):
               ("dtype", cfg.dtype in ("auto", "fp32", "bf16", "fp16"))]
     for name in ("type_weights", "pretrain_type_weights"):
         try:
-            type_weights(getattr(cfg, name))
+            parse_type_weights(getattr(cfg, name))
         except ValueError:
             raise UsageError(f"--{name} {getattr(cfg, name)!r}: expected TYPE=WEIGHT,... with weights >= 0") from None
     for name, ok in checks:
@@ -305,7 +305,7 @@ def collate(samples, pack_len=0, remap=None):
             "supervised": int((labels[:, 1:] != -100).sum())}
 
 
-def type_weights(text):
+def parse_type_weights(text):
     """"color=0.3,size=0.5" -> {"color": 0.3, "size": 0.5}; ValueError when malformed."""
     weights = {name.strip(): float(w) for name, w in (item.split("=") for item in text.split(",") if item.strip())}
     if any(not w >= 0 for w in weights.values()):
@@ -315,7 +315,7 @@ def type_weights(text):
 
 def sample_weights(records, text):
     """Each record's sampling weight (its type's in --type_weights, else 1); None: all equal."""
-    weights = type_weights(text)
+    weights = parse_type_weights(text)
     if not weights:
         return None
     w = torch.tensor([weights.get(r.get("type", ""), 1.0) for r in records], dtype=torch.float64)
