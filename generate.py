@@ -39,9 +39,15 @@ class Int8Linear(nn.Module):
         scale = w.abs().amax(1).clamp(min=1e-12) / 127
         self.register_buffer("weight", torch.round(w / scale[:, None]).to(torch.int8).contiguous())
         self.register_buffer("scale", scale)
-        # the CPU kernel's scales, converted once: torch.compile cannot lower the kernel on a copy
-        # converted in the graph. Not a buffer: model.to(torch.float32) must leave it bf16
         self.scale_bf16 = scale.to(torch.bfloat16)
+
+    def _apply(self, fn, recurse=True):
+        # the CPU kernel's scales, converted once: torch.compile cannot lower the kernel on a copy
+        # converted in the graph. Not a buffer, since model.to(torch.float32) must leave it bf16,
+        # so it is redone here whenever the module moves (.to(device), .cuda(), .cpu())
+        super()._apply(fn, recurse)
+        self.scale_bf16 = self.scale.to(torch.bfloat16)
+        return self
 
     def forward(self, x):
         if x.device.type == "cpu" and self.weight.shape[1] % 8 == 0:  # other K crash the kernel

@@ -138,6 +138,16 @@ def test_int8_model_gives_the_same_answers(ckpt, images, capsys, compiled):
     assert capsys.readouterr().out.strip().splitlines() == [f"{images['blue_cmyk']}: blue", f"{images['red']}: red"]
 
 
+def test_int8_scales_follow_the_module():
+    """The CPU kernel's bf16 copy of the scales moves with the module and stays bf16 when the
+    model's float dtype changes (it is not a buffer, so nn.Module would leave it behind)."""
+    layer = generate.Int8Linear(torch.nn.Linear(16, 8))
+    layer.to(torch.float64)
+    assert layer.scale.dtype == torch.float64 and layer.scale_bf16.dtype == torch.bfloat16
+    layer.to("meta")
+    assert layer.scale_bf16.device.type == "meta" and layer.weight.dtype == torch.int8
+
+
 @pytest.mark.parametrize("case", ["not_a_checkpoint", "no_dir", "prompt_too_long", "no_glob_match", "bad_flag"])
 def test_bad_input_is_one_line_and_exit_2(ckpt, images, tmp_path, capsys, case):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
