@@ -172,7 +172,6 @@ def test_micro_batches_shard_one_global_order():
     assert [next(resumed) for _ in range(4)] == [next(fresh) for _ in range(4)]
 
 
-
 def test_type_weights_change_the_mix_and_resume_exactly():
     """--type_weights: a type of weight 0 is never drawn, one of weight 3 about 3x as often as one
     of weight 1 (6000 draws: within 2.5-3.5x); a resumed stream continues the same draws."""
@@ -190,6 +189,7 @@ def test_type_weights_change_the_mix_and_resume_exactly():
     for bad in ("color", "color=x", "color=-1"):
         with pytest.raises(train.UsageError):
             train.make_config("tiny", {"type_weights": bad})
+
 
 # ----------------------------------------------------------------------------- runs
 
