@@ -16,7 +16,8 @@ Measured:
   decode   batch-1 greedy tokens/s after a 32-token prompt (prefill excluded: time(n+1 tokens)
            - time(1 token)), against AutoModelForCausalLM(gguf_file=...).generate; and the
            step under torch.compile (generate.py --compile): on CUDA bf16 as a CUDA graph, on a
-           CPU (not --quick: compiling takes minutes on 2 cores) fp32 and int8.
+           CPU (not --quick: compiling takes minutes on 2 cores) fp32, bf16 weights (fp32
+           arithmetic, generate.MatvecLinear) and int8.
 Runs of the contestants alternate (A B A B ...) and medians are reported, so a machine that
 slows down mid-run slows both. speedup = picoVLM speed / transformers speed (> 1: faster).
 The memory bandwidth is measured (sum of a large tensor), and the decode limit is that
@@ -151,6 +152,11 @@ def bench_lm(args, device, results, rows):
 
     variants = {"fp32": ours, "bf16": copy.deepcopy(ours).to(torch.bfloat16),
                 "int8": G.quantize_int8(copy.deepcopy(ours))}
+    # --compile: on CUDA the bf16 step as a CUDA graph (vs transformers bf16); on CPU (not --quick:
+    # inductor takes minutes on 2 cores) the step with MatvecLinear's fp32 and bf16 weights, and int8
+    compiled = {"bf16": variants["bf16"]} if device.type == "cuda" else {} if args.quick else {
+        "fp32": G.matvec_linears(copy.deepcopy(ours)), "bf16": G.matvec_linears(copy.deepcopy(ours), torch.bfloat16),
+        "int8": variants["int8"]}
     if device.type == "cpu":  # as generate.py does (fp32 only; after the copies, which keep strides)
         G.decode_layout(ours)
 
@@ -172,18 +178,15 @@ def bench_lm(args, device, results, rows):
 
         runs = {"transformers fp32": decode_seconds(lambda n: ref_gen(ref, n))}
         runs |= {f"picoVLM {k}": decode_seconds(lambda n, k=k: ours_gen(variants[k], n)) for k in variants}
-        # --compile: on CUDA the bf16 step as a CUDA graph (vs transformers bf16); on CPU (not --quick:
-        # inductor takes minutes on 2 cores) the fp32 and the int8 step
-        compiled = ["bf16"] if device.type == "cuda" else [] if args.quick else ["fp32", "int8"]
-        if "bf16" in compiled:
+        if device.type == "cuda":
             ref_bf16 = copy.deepcopy(ref).to(torch.bfloat16)
             runs["transformers bf16"] = decode_seconds(lambda n: ref_gen(ref_bf16, n))
-        for kind in compiled:
+        for kind, lm in compiled.items():
             fns = G.compile_generation(device)
             t0 = time.perf_counter()
             try:
-                ours_gen(variants[kind], 2, fns)
-                runs[f"picoVLM {kind} --compile"] = decode_seconds(lambda n, k=kind, f=fns: ours_gen(variants[k], n, f))
+                ours_gen(lm, 2, fns)
+                runs[f"picoVLM {kind} --compile"] = decode_seconds(lambda n, m=lm, f=fns: ours_gen(m, n, f))
                 print(f"{kind} decode step compiled in {time.perf_counter() - t0:.0f} s")
             except Exception as e:  # a compiler failure must not cost the other numbers
                 print(f"--compile {kind} decode skipped: {type(e).__name__}: {str(e)[:300]}")
@@ -203,9 +206,9 @@ def bench_lm(args, device, results, rows):
                        decode_tokens_per_s=rate["picoVLM fp32"], decode_transformers_tokens_per_s=rate["transformers fp32"],
                        decode_bf16_tokens_per_s=rate["picoVLM bf16"], decode_int8_tokens_per_s=rate["picoVLM int8"],
                        **{f"decode_{k}_speedup": rate[f"picoVLM {k}"] / rate["transformers fp32"] for k in variants})
-        for kind in compiled:  # vs transformers in the same precision (fp32 for int8)
+        for kind in compiled:  # vs transformers fp32 (on CUDA bf16 vs transformers bf16)
             if f"picoVLM {kind} --compile" in rate:
-                ref_kind = "transformers bf16" if kind == "bf16" else "transformers fp32"
+                ref_kind = "transformers bf16" if device.type == "cuda" else "transformers fp32"
                 results[f"decode_{kind}_compiled_tokens_per_s"] = rate[f"picoVLM {kind} --compile"]
                 results[f"decode_{kind}_compiled_speedup"] = rate[f"picoVLM {kind} --compile"] / rate[ref_kind]
 

@@ -72,6 +72,41 @@ def quantize_int8(module):
     return module
 
 
+class MatvecLinear(nn.Module):
+    """nn.Linear for compiled decoding on CPU. A single input row (a batch-1 decode step) is
+    multiplied as a broadcast product summed over the inputs, which inductor compiles into one
+    loop that streams the weight once and converts it to fp32 in registers: 2x the bandwidth of
+    oneDNN's matrix-vector product on 2 AVX2 cores (README, Speed). weight_dtype=torch.bfloat16
+    stores the weight in bf16, half the bytes, while the arithmetic stays fp32: CPUs without
+    native bf16 would emulate bf16 matmuls slowly. Other inputs (a prefill), and eager mode,
+    where the product would be materialised, go through F.linear."""
+
+    def __init__(self, linear, weight_dtype=None):
+        super().__init__()
+        w = linear.weight
+        # a tied LM head gets its own bf16 copy; the embedding table stays as it is
+        self.weight = w if weight_dtype in (None, w.dtype) else nn.Parameter(w.detach().to(weight_dtype), False)
+        self.bias = linear.bias
+
+    def forward(self, x):
+        if torch.compiler.is_compiling() and x.shape[:-1].numel() == 1:
+            y = (x.unsqueeze(-2).float() * self.weight.float()).sum(-1).to(x.dtype)
+        else:
+            y = F.linear(x, self.weight.to(x.dtype))
+        return y if self.bias is None else y + self.bias
+
+
+def matvec_linears(module, weight_dtype=None):
+    """Swap every nn.Linear inside `module` for a MatvecLinear, in place (after any .to(dtype),
+    which would convert bf16 weights back)."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.Linear):
+            setattr(module, name, MatvecLinear(child, weight_dtype))
+        else:
+            matvec_linears(child, weight_dtype)
+    return module
+
+
 def compile_generation(device):
     """(prefill, step) for generate(prefill=, step=). The decode step is compiled for static shapes
     (same batch and cache_len each call) and on CUDA captured as a CUDA graph ("reduce-overhead"):
@@ -113,7 +148,8 @@ def parse_args(argv=None):
     p.add_argument("--num-samples", type=int, default=1, help="answers per image")
     p.add_argument("--batch-size", type=int, default=8, help="images per batch")
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps")
-    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="auto: bf16 on GPUs that support it, else fp32")
+    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="auto: bf16 on GPUs that support it, else fp32 (on CPU with --compile, bf16 is the LM weights' format "
+                        "only: the arithmetic stays fp32)")
     p.add_argument("--int8", action="store_true", help="int8 weight-only language model (per-channel scales)")
     p.add_argument("--compile", action="store_true", help="compile the decode step (CUDA graphs on GPU) and the "
                                                           "prefill; the first batch pays for the compilation (minutes)")
@@ -182,6 +218,10 @@ def load_model(args, device, dtype):
         raise M.CheckpointError(msg if msg.startswith(args.model) else f"{args.model}: cannot load ({msg})") from None
     if args.int8:
         quantize_int8(vlm.lm)  # from the fp32 weights, before any cast
+    if device.type == "cpu" and args.compile:  # see MatvecLinear: bf16 is then the weights' format only
+        vlm = vlm.to(device).eval()
+        matvec_linears(vlm.lm, dtype)
+        return vlm, proc
     vlm = vlm.to(device=device, dtype=dtype).eval()
     if device.type == "cpu":
         decode_layout(vlm.lm)  # fp32 matrix-vector products stream faster transposed
@@ -266,10 +306,9 @@ def answer(vlm, proc, text, images, args, *, name, generator, fns, clock, compil
     if length + args.max_new_tokens > context:  # split (tiled) images can make long prompts
         raise M.CheckpointError(f"{name}: a prompt of {length} tokens + --max-new-tokens "
                                 f"{args.max_new_tokens} exceeds the model's context of {context}")
-    stop = [tok.eos_token_id] + [tok.convert_tokens_to_ids(t) for t in ("<end_of_utterance>",) if t in tok.get_vocab()]
     inputs = (enc["input_ids"].to(device), enc["pixel_values"].to(device, dtype), enc["attention_mask"].to(device))
     options = dict(generator=generator, prefill=fns[0], step=fns[1], top_k=args.top_k, top_p=args.top_p,
-                   eos_token_id=stop,  # SmolVLM ends its turns with <end_of_utterance>
+                   eos_token_id=proc.stop_ids,  # SmolVLM ends its turns with <end_of_utterance>
                    # one cache size for all batches: allocated once, and static shapes when compiled
                    cache_len=min(context, -(-(length + args.max_new_tokens) // 256) * 256))
     if compile_now:  # compile now, not in the middle of the first answer; greedy keeps the seed's draws

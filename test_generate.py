@@ -138,6 +138,32 @@ def test_int8_model_gives_the_same_answers(ckpt, images, capsys, compiled):
     assert capsys.readouterr().out.strip().splitlines() == [f"{images['blue_cmyk']}: blue", f"{images['red']}: red"]
 
 
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_compiled_cpu_decoding_gives_the_same_answers(ckpt, images, capsys, dtype):
+    """--compile on CPU: the LM's linears become MatvecLinear (bf16: weights only, fp32 arithmetic)."""
+    argv = ["--model", ckpt, "--greedy", "--no-stream", "--compile", "--dtype", dtype]
+    assert generate.main(argv + ["--image", images["blue_cmyk"], "--image", images["red"]]) == 0
+    assert capsys.readouterr().out.strip().splitlines() == [f"{images['blue_cmyk']}: blue", f"{images['red']}: red"]
+
+
+def test_matvec_linear_equals_linear():
+    """MatvecLinear's compiled single-row product (inductor's loop) against F.linear, fp32 and bf16
+    weights: the same sums in another order, max |diff| <= 1e-5 (outputs ~1). Several rows (a
+    prefill) and eager calls go through F.linear itself: equal."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 48)
+    x, rows = torch.randn(1, 1, 64), torch.randn(2, 5, 64)
+    for weight_dtype in (None, torch.bfloat16):
+        layer = generate.MatvecLinear(linear, weight_dtype)
+        weight = linear.weight if weight_dtype is None else linear.weight.to(weight_dtype).float()
+        with torch.no_grad():
+            want = torch.nn.functional.linear(x, weight, linear.bias)
+            assert (torch.compile(layer, fullgraph=True)(x) - want).abs().max() <= 1e-5
+            assert torch.equal(layer(x), want)
+            assert torch.equal(layer(rows), torch.nn.functional.linear(rows, weight, linear.bias))
+    assert layer.weight.dtype == torch.bfloat16 and generate.MatvecLinear(linear).weight is linear.weight
+
+
 def test_int8_scales_follow_the_module():
     """The CPU kernel's bf16 copy of the scales moves with the module and stays bf16 when the
     model's float dtype changes (it is not a buffer, so nn.Module would leave it behind)."""
