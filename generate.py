@@ -61,15 +61,20 @@ class Int8Linear(nn.Module):
         return F.linear(x, self.weight.to(x.dtype)) * self.scale.to(x.dtype)
 
 
-def quantize_int8(module):
-    """Swap every nn.Linear inside `module` for an Int8Linear, in place (a tied LM head gets its own
-    int8 copy; the embedding table it shares stays float: it is only gathered, one row a token)."""
+def swap_linears(module, make):
+    """Replace every nn.Linear inside `module` by make(linear), in place."""
     for name, child in module.named_children():
         if isinstance(child, nn.Linear):
-            setattr(module, name, Int8Linear(child))
+            setattr(module, name, make(child))
         else:
-            quantize_int8(child)
+            swap_linears(child, make)
     return module
+
+
+def quantize_int8(module):
+    """Every nn.Linear inside `module` becomes an Int8Linear (a tied LM head gets its own int8
+    copy; the embedding table it shares stays float: it is only gathered, one row a token)."""
+    return swap_linears(module, Int8Linear)
 
 
 class MatvecLinear(nn.Module):
@@ -97,14 +102,9 @@ class MatvecLinear(nn.Module):
 
 
 def matvec_linears(module, weight_dtype=None):
-    """Swap every nn.Linear inside `module` for a MatvecLinear, in place (after any .to(dtype),
-    which would convert bf16 weights back)."""
-    for name, child in module.named_children():
-        if isinstance(child, nn.Linear):
-            setattr(module, name, MatvecLinear(child, weight_dtype))
-        else:
-            matvec_linears(child, weight_dtype)
-    return module
+    """Every nn.Linear inside `module` becomes a MatvecLinear (after any .to(dtype), which would
+    convert bf16 weights back)."""
+    return swap_linears(module, lambda linear: MatvecLinear(linear, weight_dtype))
 
 
 def compile_generation(device):
@@ -148,8 +148,9 @@ def parse_args(argv=None):
     p.add_argument("--num-samples", type=int, default=1, help="answers per image")
     p.add_argument("--batch-size", type=int, default=8, help="images per batch")
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps")
-    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="auto: bf16 on GPUs that support it, else fp32 (on CPU with --compile, bf16 is the LM weights' format "
-                        "only: the arithmetic stays fp32)")
+    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
+                   help="auto: bf16 on GPUs that support it, else fp32 (on CPU with --compile only the LM's "
+                        "weights take it: the arithmetic stays fp32)")
     p.add_argument("--int8", action="store_true", help="int8 weight-only language model (per-channel scales)")
     p.add_argument("--compile", action="store_true", help="compile the decode step (CUDA graphs on GPU) and the "
                                                           "prefill; the first batch pays for the compilation (minutes)")
