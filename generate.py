@@ -78,13 +78,14 @@ def quantize_int8(module):
 
 
 class MatvecLinear(nn.Module):
-    """nn.Linear for compiled decoding on CPU. A single input row (a batch-1 decode step) is
-    multiplied as a broadcast product summed over the inputs, which inductor compiles into one
-    loop that streams the weight once and converts it to fp32 in registers: 2x the bandwidth of
-    oneDNN's matrix-vector product on 2 AVX2 cores (README, Speed). weight_dtype=torch.bfloat16
-    stores the weight in bf16, half the bytes, while the arithmetic stays fp32: CPUs without
-    native bf16 would emulate bf16 matmuls slowly. Other inputs (a prefill), and eager mode,
-    where the product would be materialised, go through F.linear."""
+    """nn.Linear for compiled decoding on CPU. A few input rows (a decode step of up to 4
+    sequences) are multiplied as a broadcast product summed over the inputs, which inductor
+    compiles into one loop that streams the weight and converts it to fp32 in registers: for one
+    row 2x the bandwidth of oneDNN's matrix-vector product on 2 AVX2 cores (README, Speed); the
+    loop reads the weight once per row, so beyond ~4 rows the matmul wins. weight_dtype=
+    torch.bfloat16 stores the weight in bf16, half the bytes, while the arithmetic stays fp32:
+    CPUs without native bf16 would emulate bf16 matmuls slowly. More rows (a prefill, a large
+    batch), and eager mode, where the product would be materialised, go through F.linear."""
 
     def __init__(self, linear, weight_dtype=None):
         super().__init__()
@@ -94,7 +95,7 @@ class MatvecLinear(nn.Module):
         self.bias = linear.bias
 
     def forward(self, x):
-        if torch.compiler.is_compiling() and x.shape[:-1].numel() == 1:
+        if torch.compiler.is_compiling() and x.shape[:-1].numel() <= 4:
             y = (x.unsqueeze(-2).float() * self.weight.float()).sum(-1).to(x.dtype)
         else:
             y = F.linear(x, self.weight.to(x.dtype))
