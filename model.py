@@ -70,8 +70,6 @@ class VLMConfig:
     lm: LanguageConfig = field(default_factory=LanguageConfig)
     mp_pixel_shuffle: int = 2      # s: s*s neighbouring patches -> one LM token (4x fewer tokens)
     image_token_id: int = 49190    # set from the tokenizer when the image tokens are added
-    image_splitting: bool = False  # SmolVLM-style tiles + global image (large images)
-    max_image_longest_edge: int = 0  # 0: the image is just resized to the ViT size
 
     @property
     def image_tokens(self):
@@ -83,7 +81,8 @@ class VLMConfig:
 
     @classmethod
     def from_dict(cls, d):
-        d = {k: v for k, v in d.items() if k != "model_type"}
+        # image_splitting, max_image_longest_edge: unused fields of older checkpoints (the Processor's settings)
+        d = {k: v for k, v in d.items() if k not in ("model_type", "image_splitting", "max_image_longest_edge")}
         return cls(vision=VisionConfig(**d.pop("vision")), lm=LanguageConfig(**d.pop("lm")), **d)
 
 
