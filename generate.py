@@ -314,7 +314,10 @@ def answer(vlm, proc, text, images, args, *, name, generator, fns, clock, compil
                    # one cache size for all batches: allocated once, and static shapes when compiled
                    cache_len=min(context, -(-(length + args.max_new_tokens) // 256) * 256))
     if compile_now:  # compile now, not in the middle of the first answer; greedy keeps the seed's draws
+        start = time.perf_counter()
+        print("--compile: compiling the prefill and the decode step (minutes, once) ...", file=sys.stderr, flush=True)
         vlm.generate(*inputs, max_new_tokens=2, temperature=0.0, **options)
+        print(f"--compile: compiled in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
     clock.start = time.perf_counter()
     new = vlm.generate(*inputs, max_new_tokens=args.max_new_tokens, temperature=args.temperature, on_token=clock, **options)
     return [a.strip() for a in tok.batch_decode(new, skip_special_tokens=True)]

@@ -140,10 +140,13 @@ def test_int8_model_gives_the_same_answers(ckpt, images, capsys, compiled):
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_compiled_cpu_decoding_gives_the_same_answers(ckpt, images, capsys, dtype):
-    """--compile on CPU: the LM's linears become MatvecLinear (bf16: weights only, fp32 arithmetic)."""
+    """--compile on CPU: the LM's linears become MatvecLinear (bf16: weights only, fp32 arithmetic);
+    the wait for the compiler is announced on stderr."""
     argv = ["--model", ckpt, "--greedy", "--no-stream", "--compile", "--dtype", dtype]
     assert generate.main(argv + ["--image", images["blue_cmyk"], "--image", images["red"]]) == 0
-    assert capsys.readouterr().out.strip().splitlines() == [f"{images['blue_cmyk']}: blue", f"{images['red']}: red"]
+    out, err = capsys.readouterr()
+    assert out.strip().splitlines() == [f"{images['blue_cmyk']}: blue", f"{images['red']}: red"]
+    assert "--compile: compiling" in err and "--compile: compiled in" in err
 
 
 def test_matvec_linear_equals_linear():
