@@ -220,12 +220,11 @@ def load_model(args, device, dtype):
         raise M.CheckpointError(msg if msg.startswith(args.model) else f"{args.model}: cannot load ({msg})") from None
     if args.int8:
         quantize_int8(vlm.lm)  # from the fp32 weights, before any cast
-    if device.type == "cpu" and args.compile:  # see MatvecLinear: bf16 is then the weights' format only
-        vlm = vlm.to(device).eval()
+    matvec = device.type == "cpu" and args.compile  # see MatvecLinear: dtype is then the LM weights' format only
+    vlm = vlm.to(device=device, dtype=None if matvec else dtype).eval()
+    if matvec:
         matvec_linears(vlm.lm, dtype)
-        return vlm, proc
-    vlm = vlm.to(device=device, dtype=dtype).eval()
-    if device.type == "cpu":
+    elif device.type == "cpu":
         decode_layout(vlm.lm)  # fp32 matrix-vector products stream faster transposed
     return vlm, proc
 
