@@ -367,19 +367,12 @@ class LanguageModel(nn.Module):
     def resize_vocab(self, n):
         """Grow the embedding (and head) to n rows; new rows start at the mean embedding, so new
         tokens begin as an 'average' token instead of random noise."""
-        old = self.tok_embed.weight.data
-        new = nn.Embedding(n, old.shape[1]).to(old)
-        new.weight.data[:old.shape[0]] = old
-        new.weight.data[old.shape[0]:] = old.mean(0)
-        self.tok_embed = new
-        if self.cfg.lm_tie_embeddings:
-            self.lm_head = nn.Linear(old.shape[1], n, bias=False).to(old)
-            self.lm_head.weight = self.tok_embed.weight
-        else:
-            head = self.lm_head.weight.data
-            self.lm_head = nn.Linear(old.shape[1], n, bias=False).to(old)
-            self.lm_head.weight.data[:head.shape[0]] = head
-            self.lm_head.weight.data[head.shape[0]:] = head.mean(0)
+        def grown(w):
+            return nn.Parameter(torch.cat([w, w.mean(0, keepdim=True).expand(n - w.shape[0], -1)]))
+        self.tok_embed = nn.Embedding(n, self.cfg.lm_hidden, _weight=grown(self.tok_embed.weight.data))
+        head = self.tok_embed.weight if self.cfg.lm_tie_embeddings else grown(self.lm_head.weight.data)
+        self.lm_head = nn.Linear(self.cfg.lm_hidden, n, bias=False, device="meta")  # its weight is replaced
+        self.lm_head.weight = head
         self.cfg = dataclasses.replace(self.cfg, lm_vocab=n)
 
     @torch.no_grad()
