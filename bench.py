@@ -14,11 +14,11 @@ Measured:
            model cast to bf16 (no autocast: what pure-bf16 training would cost).
   prefill  logits of 1 x 256 tokens, SmolLM2-135M from the offline GGUF.
   decode   batch-1 greedy tokens/s after a 32-token prompt (prefill excluded: time(n+1 tokens)
-           - time(1 token)), against AutoModelForCausalLM(gguf_file=...).generate; and the
+           - time(1 token)), against LlamaForCausalLM.generate with the same weights; and the
            step under torch.compile (generate.py --compile): on CUDA bf16 as a CUDA graph, on a
            CPU (not --quick: compiling takes minutes on 2 cores) fp32, bf16 weights (fp32
            arithmetic, generate.MatvecLinear) and int8.
-Runs of the contestants alternate (A B A B ...) and medians are reported, so a machine that
+Runs of the contestants alternate (A B, B A, ...) and medians are reported, so a machine that
 slows down mid-run slows both. speedup = picoVLM speed / transformers speed (> 1: faster).
 The memory bandwidth is measured (sum of a large tensor), and the decode limit is that
 bandwidth / bytes of weights read per token. The last line is one JSON object.
@@ -85,15 +85,17 @@ def timed(fn, device):
 
 
 def alternate(runs, reps, device, warmup=1):
-    """runs: {name: fn() -> seconds}. Warm each up, then run them in turn `reps` times.
-    -> {name: median seconds}."""
+    """runs: {name: fn() -> seconds}. Warm each up, then run them in turn `reps` times, the order
+    rotated every round, so that no contestant always runs right after the same other one (whose
+    leftovers in caches and allocator could slow it). -> {name: median seconds}."""
     for fn in runs.values():
         for _ in range(warmup):
             fn()
     times = {name: [] for name in runs}
-    for _ in range(reps):
-        for name, fn in runs.items():
-            times[name].append(fn())
+    names = list(runs)
+    for r in range(reps):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            times[name].append(runs[name]())
     return {name: statistics.median(t) for name, t in times.items()}
 
 
@@ -123,26 +125,27 @@ def bf16_is_native(device):
 
 # ----------------------------------------------------------------------------- language model
 
-def load_lms(args, tmp):
-    """(ours, transformers): SmolLM2-135M from the offline GGUF. With --random-weights (or --smoke:
-    tiny shapes) a random transformers Llama, saved and loaded into ours."""
-    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+def load_lms(args):
+    """(ours, transformers' LlamaForCausalLM holding the same weights): SmolLM2-135M from the
+    offline GGUF through our loader (test_model.py checks it against transformers' own GGUF
+    loader, which parses the file twice: ~25 s here), or random weights with --random-weights
+    (or --smoke: tiny shapes)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
     if args.smoke or args.random_weights:
-        cfg = M.LanguageConfig(lm_hidden=64, lm_layers=2, lm_heads=4, lm_kv_heads=2, lm_intermediate=128,
-                               lm_vocab=256) if args.smoke else M.LM_PRESETS["smollm2-135m"]
         torch.manual_seed(0)
-        ref = LlamaForCausalLM(LlamaConfig(**M.lm_config_to_hf(cfg)))
-        ref.save_pretrained(tmp)
-        return M.LanguageModel.from_pretrained(tmp), ref
-    path = M.default_lm_path()
-    ref = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
-                                               dtype=torch.float32)
-    return M.LanguageModel.from_pretrained(path), ref
+        ours = M.LanguageModel(M.LanguageConfig(lm_hidden=64, lm_layers=2, lm_heads=4, lm_kv_heads=2, lm_intermediate=128,
+                                                lm_vocab=256) if args.smoke else M.LM_PRESETS["smollm2-135m"])
+    else:
+        ours = M.LanguageModel.from_pretrained(M.default_lm_path())
+    ref = LlamaForCausalLM(LlamaConfig(**M.lm_config_to_hf(ours.cfg)))
+    missing, unexpected = ref.load_state_dict(M.unmapped(ours.state_dict(), M.llama_key_map(ours.cfg), ours.cfg), strict=False)
+    if unexpected or set(missing) - ({"lm_head.weight"} if ours.cfg.lm_tie_embeddings else set()):
+        raise RuntimeError(f"transformers' Llama did not take our weights: missing {missing}, unexpected {unexpected}")
+    return ours, ref
 
 
 def bench_lm(args, device, results, rows):
-    with tempfile.TemporaryDirectory() as tmp:
-        ours, ref = load_lms(args, tmp)
+    ours, ref = load_lms(args)
     ours, ref = ours.to(device).eval(), ref.to(device).eval()
     vocab, n_new = ours.cfg.lm_vocab, (16 if args.smoke else 32 if args.quick else 128)
     g = torch.Generator().manual_seed(0)

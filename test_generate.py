@@ -218,7 +218,7 @@ def test_cached_decode_equals_uncached_greedy(smollm, tokenizer):
     want = uncached_greedy(smollm, ids, 10)
     assert smollm.generate(ids, max_new_tokens=10, eos_token_id=-1)[0].tolist() == want
     transposed = generate.decode_layout(copy.deepcopy(smollm))  # generate.py's CPU weight layout: same numbers
-    assert transposed.blocks[0].gate_up.weight.stride() == (1, 3072)  # [3072, 576] stored as [576, 3072]
+    assert transposed.blocks[0].gate.weight.stride() == (1, 1536)  # [1536, 576] stored as [576, 1536]
     assert transposed.generate(ids, max_new_tokens=10, eos_token_id=-1)[0].tolist() == want
 
 
