@@ -81,8 +81,7 @@ class VLMConfig:
 
     @classmethod
     def from_dict(cls, d):
-        # image_splitting, max_image_longest_edge: unused fields of older checkpoints (the Processor's settings)
-        d = {k: v for k, v in d.items() if k not in ("model_type", "image_splitting", "max_image_longest_edge")}
+        d = {k: v for k, v in d.items() if k != "model_type"}
         return cls(vision=VisionConfig(**d.pop("vision")), lm=LanguageConfig(**d.pop("lm")), **d)
 
 
