@@ -168,7 +168,21 @@ def replace_dir(path, write):
 STATE_FILE = "train_state.safetensors"
 
 
-def save_state(out_dir, tensors, meta):
+def save_state(out_dir, model, opt, scaler, meta):
+    """The trainable weights, the optimizer's moments and the RNG states as tensors; `meta` (the
+    trainer's state and settings), the optimizer's groups and the loss scaler as JSON."""
+    import random
+
+    import torch
+    tensors = {f"param/{n}": p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
+    opt_state = opt.state_dict()
+    for i, s in opt_state["state"].items():
+        tensors.update({f"optim/{i}/{k}": v.detach().cpu() for k, v in s.items()})
+    tensors["rng/torch"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        tensors["rng/cuda"] = torch.cuda.get_rng_state()
+    meta = {**meta, "python_rng": random.getstate(), "param_groups": opt_state["param_groups"],
+            "scaler": scaler.state_dict() if scaler.is_enabled() else None}
     atomic_save_safetensors(tensors, os.path.join(out_dir, STATE_FILE), metadata={"picovlm": json.dumps(meta)})
 
 
@@ -186,3 +200,30 @@ def read_state(out_dir, tensors=True):
     except (SafetensorError, OSError, KeyError, TypeError, ValueError) as e:
         raise UserError(f"{path}: unreadable training state ({e})") from None
     return meta, tensors
+
+
+def restore_state(meta, tensors, model, opt, scaler):
+    """save_state's inverse, into a model and optimizer built as they were when it was saved."""
+    import random
+
+    import torch
+    params = dict(model.named_parameters())
+    optim = {}
+    for k, v in tensors.items():
+        kind, _, rest = k.partition("/")
+        if kind == "param":
+            params[rest].data.copy_(v)
+        elif kind == "optim":
+            i, _, name = rest.partition("/")
+            optim.setdefault(int(i), {})[name] = v
+    groups = meta["param_groups"]
+    for g, saved in zip(opt.param_groups, groups):
+        saved["base_lr"] = g["base_lr"]  # a learning rate given on the resuming command line wins
+    opt.load_state_dict({"state": optim, "param_groups": groups})
+    if meta["scaler"]:
+        scaler.load_state_dict(meta["scaler"])
+    torch.set_rng_state(tensors["rng/torch"])
+    if "rng/cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["rng/cuda"])
+    version, internal, gauss = meta["python_rng"]
+    random.setstate((version, tuple(internal), gauss))

@@ -106,11 +106,12 @@ PEAK_BF16_FLOPS = [("H100 PCIe", 756e12), ("GH200", 989e12), ("H100", 989e12), (
 
 
 def peak_flops(device):
-    """bf16 peak of a CUDA device (for MFU), or None when unknown."""
+    """bf16 peak of a CUDA device (for MFU; train.py's log and bench.py alike), or None when unknown."""
     import torch
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
+    return gpu_peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+
+
+def gpu_peak_flops(name):
     return next((v for k, v in PEAK_BF16_FLOPS if k in name), None)
 
 

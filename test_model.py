@@ -464,6 +464,14 @@ def test_export_smolvlm_roundtrip(tmp_path, tokenizer):
     with torch.no_grad():
         want = ref(**{k: v for k, v in want_inputs.items() if k != "pixel_attention_mask"}).logits
         assert max_diff(ours(batch["input_ids"], batch["pixel_values"])[0], want) <= 1e-4
+    # without a processor: the model alone (config + weights), as transformers' own model export does
+    ours.save_pretrained(tmp_path / "bare", format="smolvlm")
+    assert sorted(os.listdir(tmp_path / "bare")) == ["config.json", "model.safetensors"]
+    with torch.no_grad():
+        bare = SmolVLMForConditionalGeneration.from_pretrained(tmp_path / "bare").eval()
+        assert max_diff(bare(**{k: v for k, v in want_inputs.items() if k != "pixel_attention_mask"}).logits, want) == 0
+    with pytest.raises(UserError, match="unknown format 'onnx'"):
+        ours.save_pretrained(tmp_path / "x", format="onnx")
     # transformers -> picoVLM -> export -> the same tensors and config
     again = VLM.from_pretrained(tmp_path / "hf")
     again.save_pretrained(tmp_path / "hf2", Processor.from_pretrained(tmp_path / "hf"), format="smolvlm")

@@ -1,6 +1,7 @@
 """train.py tests on CPU with the `tiny` preset (a tiny ViT and a tiny random LM with the real
 tokenizer): the command line, packing, exact resume, DDP = one process, faults, checkpoints.
 The runs are subprocesses of a few seconds each; tolerances are stated where results may differ."""
+import dataclasses
 import json
 import os
 import shutil
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import checkpoint
+import cli
 import data as D
 import generate
 import model as M
@@ -56,6 +58,32 @@ def test_booleans_presets_and_overrides():
     assert e.value.code == 2
     with pytest.raises(UserError, match="batch_size"):
         train.make_config("tiny", {"batch_size": 0})
+
+
+def test_one_flag_style_presets_reachable_and_ignored_flags_refused():
+    """Flags: underscores, the hyphen spelling too, no prefixes. Every ViT preset is reachable with
+    --vision; a preset's vit_* settings go with its own ViT; a flag that would be ignored is an error."""
+    assert train.parse_args(["--max-steps", "3", "--vit_width=48", "--lr-lm=0.5"])[1] == {
+        "max_steps": 3, "vit_width": 48, "lr_lm": 0.5}
+    with pytest.raises(SystemExit):
+        train.parse_args(["--max_step", "3"])  # a prefix is not a guess
+    assert train.make_config("tiny", {}).vit == M.VISION_PRESETS["tiny"]
+    demo = train.make_config("default", {}).vit
+    assert (demo.vit_image_size, demo.vit_width, demo.vit_pos_embed) == (64, 128, "sincos2d")
+    for name, shape in M.VISION_PRESETS.items():
+        assert train.make_config("default", {"vision": name}).vit == shape
+    assert train.make_config("default", {"vision": "siglip-b16-224", "vit_depth": 3}).vit.vit_depth == 3
+    with pytest.raises(UserError, match="--vit_width is ignored with a pretrained --vision"):
+        train.make_config("default", {"vision": "google/siglip-base-patch16-224", "vit_width": 64})
+    with pytest.raises(UserError, match="--lm is ignored with --init_from"):
+        train.make_config("default", {"init_from": "out", "lm": "tiny"})
+    # a run saved before the ViT's fields were nested (flat vit_* keys) resumes with its own shape
+    saved = dataclasses.asdict(train.make_config("tiny", {"vit_width": 48}))
+    flat = {**saved.pop("vit"), **saved}
+    assert train.make_config("default", {"max_steps": 7}, saved=flat) == train.make_config(
+        "tiny", {"vit_width": 48, "max_steps": 7})
+    assert cli.gpu_peak_flops("NVIDIA H100 PCIe") == 756e12 and cli.gpu_peak_flops("NVIDIA H100 80GB HBM3") == 989e12
+    assert cli.gpu_peak_flops("NVIDIA A100-SXM4-80GB") == 312e12 and cli.gpu_peak_flops("NVIDIA L40S") == 362e12
 
 
 def test_help_and_bad_input_are_one_line(tmp_path, tokenizer_dir):
@@ -309,7 +337,9 @@ def test_a_kill_during_a_save_leaves_the_previous_checkpoint(tmp_path, tokenizer
         raise KeyboardInterrupt  # the process dies after writing the temporary file, before the rename
     monkeypatch.setattr(os, "replace", killed)
     with pytest.raises(KeyboardInterrupt):
-        checkpoint.save_state(str(out), {"param/x": torch.zeros(2)}, {"state": {"step": 99}})
+        layer = torch.nn.Linear(2, 2)
+        checkpoint.save_state(str(out), layer, torch.optim.AdamW(layer.parameters()),
+                              torch.amp.GradScaler("cpu", enabled=False), {"state": {"step": 99}})
     assert (out / checkpoint.STATE_FILE).read_bytes() == before
     assert not [f for f in os.listdir(out) if f.startswith(".tmp-")]  # the partial file is removed
 

@@ -38,8 +38,8 @@ import checkpoint  # noqa: E402
 import data  # noqa: E402
 import model as M  # noqa: E402
 import pretrain  # noqa: E402
+from evaluation import final_evaluation, mean  # noqa: E402
 from checkpoint import UserError  # noqa: E402
-from processor import load_image  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -332,53 +332,12 @@ def save_checkpoint(run, state, model, opt, scaler, record):
             state.best = record["accuracy"]
             checkpoint.replace_dir(os.path.join(cfg.out_dir, "best"),
                                    lambda path: model.save_pretrained(path, processor=run.processor))
-    tensors = {f"param/{n}": p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
-    opt_state = opt.state_dict()
-    for i, s in opt_state["state"].items():
-        tensors.update({f"optim/{i}/{k}": v.detach().cpu() for k, v in s.items()})
-    tensors["rng/torch"] = torch.get_rng_state()
-    if torch.cuda.is_available():
-        tensors["rng/cuda"] = torch.cuda.get_rng_state()
     saved = dataclasses.replace(state, wall_s=state.wall_s + time.time() - run.t0)
-    meta = {"state": dataclasses.asdict(saved), "config": dataclasses.asdict(cfg), "python_rng": random.getstate(),
-            "param_groups": opt_state["param_groups"], "scaler": scaler.state_dict() if scaler.is_enabled() else None}
-    checkpoint.save_state(cfg.out_dir, tensors, meta)
-
-
-def restore_checkpoint(meta, tensors, model, opt, scaler):
-    params = dict(model.named_parameters())
-    optim = {}
-    for k, v in tensors.items():
-        kind, _, rest = k.partition("/")
-        if kind == "param":
-            params[rest].data.copy_(v)
-        elif kind == "optim":
-            i, _, name = rest.partition("/")
-            optim.setdefault(int(i), {})[name] = v
-    groups = meta["param_groups"]
-    for g, saved in zip(opt.param_groups, groups):
-        saved["base_lr"] = g["base_lr"]  # a learning rate given on the resuming command line wins
-    opt.load_state_dict({"state": optim, "param_groups": groups})
-    if meta["scaler"]:
-        scaler.load_state_dict(meta["scaler"])
-    torch.set_rng_state(tensors["rng/torch"])
-    if "rng/cuda" in tensors and torch.cuda.is_available():
-        torch.cuda.set_rng_state(tensors["rng/cuda"])
-    version, internal, gauss = meta["python_rng"]
-    random.setstate((version, tuple(internal), gauss))
+    checkpoint.save_state(cfg.out_dir, model, opt, scaler, {"state": dataclasses.asdict(saved),
+                                                            "config": dataclasses.asdict(cfg)})
 
 
 # ----------------------------------------------------------------------------- evaluation
-
-def normalize(text):
-    """Exact match up to case, whitespace and a final period."""
-    return " ".join(text.lower().split()).rstrip(".")
-
-
-def mean(values):
-    values = list(values)
-    return sum(values) / len(values) if values else float("nan")
-
 
 def inputs(batch, device):
     """The model's inputs: a collated batch's tensors (the rest is bookkeeping), on the device."""
@@ -405,43 +364,6 @@ def evaluate(model, batches, run):
     model.train()
     per_type = {t: sum(v) / len(v) for t, v in sorted(right.items())}
     return {"val_loss": loss_sum / max(1, n_tokens), "accuracy": mean(per_type.values()), "per_type": per_type}
-
-
-@torch.no_grad()
-def final_evaluation(vlm, processor, records, run, batch_size=64):
-    """Greedy-decode the answer to each record's last question and compare it with the reference
-    (normalize()). -> accuracy (the mean over types, each type counting the same), per type."""
-    vlm.eval()
-    tok, stop, device = processor.tokenizer, processor.stop_ids, run.device
-    # the same questions in one batch: a batch decodes until its longest answer is done, so long
-    # answers (captions) are best kept together (docs/experiments.md: about half the time)
-    records = sorted(records, key=lambda r: str(r["messages"][:-1]))
-    max_new = max(len(tok.encode(r["messages"][-1]["content"], add_special_tokens=False)) for r in records) + 2
-    right, unreadable = {}, 0
-    for i in range(0, len(records), batch_size):
-        prompts, images, kept = [], [], []
-        for r in records[i:i + batch_size]:
-            try:
-                imgs = [load_image(p) for p in r["images"]]
-            except UserError:
-                unreadable += 1
-                continue
-            prompts.append(processor.chat_prompt(r["messages"][:-1], len(imgs)))
-            images.append(imgs)
-            kept.append(r)
-        if not kept:
-            continue
-        batch = inputs(processor(prompts, images), device)
-        # compiled blocks run eagerly here: compiling the cached decoding path (new shapes for the
-        # prefill and the one-token steps) costs more than it saves in one pass over the test split
-        with run.autocast, torch.compiler.set_stance("force_eager"):
-            out = vlm.generate(**batch, max_new_tokens=max_new, eos_token_id=stop)
-        for r, ids in zip(kept, out.tolist()):
-            answer = tok.decode([t for t in ids if t not in stop], skip_special_tokens=True)
-            right.setdefault(r.get("type", ""), []).append(normalize(answer) == normalize(r["messages"][-1]["content"]))
-    per_type = {t: sum(v) / len(v) for t, v in sorted(right.items())}
-    return {"accuracy": mean(per_type.values()), "per_type": per_type, "n": sum(map(len, right.values())),
-            "unreadable_images": unreadable}
 
 
 def plot(log_path, png_path):
@@ -526,7 +448,7 @@ def train_stage(run, state, model, groups, dataset, val_batches, collate_fn):
                             fused=device.type in ("cuda", "cpu"))
     scaler = torch.amp.GradScaler(device.type, enabled=run.dtype == torch.float16)  # fp16 needs loss scaling
     if run.resume and run.resume[0]["state"]["stage"] == state.stage:
-        restore_checkpoint(*run.resume, model, opt, scaler)
+        checkpoint.restore_state(*run.resume, model, opt, scaler)
         run.resume = None
     ddp = (torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
            if run.world > 1 else model)
@@ -678,7 +600,8 @@ def train(cfg, resume):
         plot(run.log_path, os.path.join(cfg.out_dir, "loss.png"))
     wall = state.wall_s + time.time() - run.t0
     if cfg.final_eval and test_records:
-        result = final_evaluation(vlm, processor, test_records[:cfg.final_eval_samples or None], run)
+        result = final_evaluation(vlm, processor, test_records[:cfg.final_eval_samples or None], run.device,
+                                  run.autocast)
         result.update(split=test_split, skipped_samples=state.skipped, skipped_steps=state.bad_steps, wall_s=round(wall, 1))
         checkpoint.atomic_write(os.path.join(cfg.out_dir, "final_eval.json"), json.dumps(result, indent=2))
         print(f"held-out exact match {result['accuracy']:.1%} ({result['n']} {test_split} samples): "
