@@ -44,6 +44,14 @@ def read_json(path):
         raise UserError(f"{path}: not valid JSON ({e})") from None
 
 
+def read_config(path):
+    """A JSON object (config.json and the like): anything else is a one-line error."""
+    config = read_json(path)
+    if not isinstance(config, dict):
+        raise UserError(f"{path}: expected a JSON object, found a {type(config).__name__}")
+    return config
+
+
 def read_safetensors(path):
     """All tensors of a directory's weights: model.safetensors, or the shards its index names (other
     .safetensors files beside them, such as train.py's training state, are not model weights)."""
@@ -158,6 +166,52 @@ def replace_dir(path, write):
     shutil.rmtree(old, ignore_errors=True)
 
 
+def claim_dir(path):
+    """Make `path` a directory this process owns until exit: one that holds another live run's
+    lock (a file with its pid and host) is refused; a dead run's lock, and the temporary files its
+    killed writes left behind, are cleaned up. -> the lock file's path (remove it when done)."""
+    import socket
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"{path}: cannot create the output directory ({e.strerror})") from None
+    if not os.path.isdir(path):
+        raise UserError(f"{path}: not a directory")
+    lock, me = os.path.join(path, ".lock"), f"{os.getpid()} {socket.gethostname()}"
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                pid, host = open(lock).read().split()
+            except (OSError, ValueError):  # half-written or gone: treat as stale
+                pid, host = "0", ""
+            if host == socket.gethostname() and pid_alive(int(pid)):
+                raise UserError(f"{path}: in use by another run (pid {pid}; remove {lock} if that is wrong)") from None
+            os.unlink(lock)  # stale: its run is gone
+            continue
+        except OSError as e:
+            raise UserError(f"{path}: not writable ({e.strerror})") from None
+        with os.fdopen(fd, "w") as f:
+            f.write(me)
+        break
+    for name in os.listdir(path):  # what killed writes left: atomic_open's files, replace_dir's folders
+        if name.startswith(".tmp-") or (name.startswith(".") and name.endswith(("-tmp", "-old"))):
+            target = os.path.join(path, name)
+            shutil.rmtree(target, ignore_errors=True) if os.path.isdir(target) else os.unlink(target)
+    return lock
+
+
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return pid > 0
+
+
 # ----------------------------------------------------------------------------- training state
 # train.py's out_dir holds the last VLM (model.safetensors, config.json and the processor), best/
 # and train_state.safetensors: one file with the trainable weights, the optimizer moments and
@@ -207,6 +261,10 @@ def restore_state(meta, tensors, model, opt, scaler):
     import random
 
     import torch
+    groups = meta["param_groups"]
+    if [(g.get("name"), len(g["params"])) for g in groups] != [(g.get("name"), len(g["params"])) for g in opt.param_groups]:
+        raise UserError("--resume: the parts being trained differ from the saved run's (a learning rate of 0 "
+                        "freezes a part): resume with its learning rates, or start a new run")
     params = dict(model.named_parameters())
     optim = {}
     for k, v in tensors.items():
@@ -216,7 +274,6 @@ def restore_state(meta, tensors, model, opt, scaler):
         elif kind == "optim":
             i, _, name = rest.partition("/")
             optim.setdefault(int(i), {})[name] = v
-    groups = meta["param_groups"]
     for g, saved in zip(opt.param_groups, groups):
         saved["base_lr"] = g["base_lr"]  # a learning rate given on the resuming command line wins
     opt.load_state_dict({"state": optim, "param_groups": groups})

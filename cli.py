@@ -42,7 +42,8 @@ def parse_bool(text):
 
 
 def main(run, prog):
-    """Run a script's body: a UserError is one `error:` line and exit status 2, Ctrl-C exit 130."""
+    """Run a script's body: a UserError or an OSError is one `error:` line and exit status 2,
+    Ctrl-C exit 130."""
     try:
         return run()
     except UserError as e:
@@ -51,6 +52,9 @@ def main(run, prog):
     except KeyboardInterrupt:
         print(f"\n{prog}: interrupted", file=sys.stderr)
         return 130
+    except OSError as e:  # a full disk, a path that is a file, no permission: the environment, said in one line
+        print(f"error: {e.filename or ''}{': ' if e.filename else ''}{e.strerror or e}", file=sys.stderr)
+        return 2
 
 
 # ----------------------------------------------------------------------------- device and precision

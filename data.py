@@ -11,6 +11,7 @@ with image paths relative to the jsonl's directory; the images belong to the fir
 """
 import json
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -27,25 +28,60 @@ def load_records(jsonl_path):
         for line in f:
             if line.strip():
                 record = json.loads(line)
-                record["images"] = [str(root / p) for p in record["images"]]
+                if isinstance(record, dict) and isinstance(record.get("images"), list):
+                    record["images"] = [str(root / p) if isinstance(p, str) else p for p in record["images"]]
                 records.append(record)
     return records
 
 
 def load_split(data_dir, split):
-    """The records of data_dir/split.jsonl, or None when there is no such file."""
+    """The usable records of data_dir/split.jsonl (None when there is no such file); malformed ones
+    are skipped and counted in one line on stderr, so that none can stop a run midway."""
     path = os.path.join(data_dir, f"{split}.jsonl")
     if not os.path.exists(path):
         return None
     try:
         records = load_records(path)
-    except (ValueError, KeyError, TypeError, OSError) as e:
+    except (ValueError, KeyError, TypeError, AttributeError, OSError) as e:
         raise UserError(f"{path}: unreadable dataset ({e})") from None
+    usable, bad = [], []
     for n, r in enumerate(records, 1):
-        if not (isinstance(r.get("messages"), list) and r["messages"] and isinstance(r["messages"][-1], dict)
-                and r["messages"][-1].get("role") == "assistant"):
-            raise UserError(f"{path}: record {n} does not end with an assistant message")
-    return records
+        try:
+            usable.append(chat_record(r))
+        except ValueError as e:
+            bad.append(f"record {n}: {e}")
+    if bad:
+        print(f"{path}: skipped {len(bad)} malformed records ({bad[0]}{', ...' if len(bad) > 1 else ''})", file=sys.stderr)
+    return usable
+
+
+def chat_record(r):
+    """A record as training reads it: every message's content as text (the content-parts form
+    [{"type": "text", "text": ...}, {"type": "image"}] of chat templates is joined; the images go
+    before the first user turn in any case). ValueError when it cannot be trained on."""
+    if not isinstance(r, dict):
+        raise ValueError("not a JSON object")
+    if not isinstance(r.get("images", []), list) or not all(isinstance(p, str) for p in r.get("images", [])):
+        raise ValueError("images is not a list of paths")
+    messages = r.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise ValueError("no messages")
+    out = []
+    for m in messages:
+        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
+            raise ValueError("a message without a system/user/assistant role")
+        content = m.get("content")
+        if isinstance(content, list):
+            if not all(isinstance(p, dict) and (p.get("type") == "image" or isinstance(p.get("text"), str)) for p in content):
+                raise ValueError("content parts other than text and image")
+            content = "".join(p["text"] for p in content if p.get("type") != "image")
+        if not isinstance(content, str):
+            raise ValueError("content is not text")
+        out.append({"role": m["role"], "content": content})
+    roles = [m["role"] for m in out if m["role"] != "system"]
+    if not roles or roles[0] != "user" or roles[-1] != "assistant":
+        raise ValueError("the chat must start with a user turn and end with an assistant turn")
+    return {**r, "images": r.get("images", []), "messages": out}
 
 
 class ChatDataset(torch.utils.data.Dataset):

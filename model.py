@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from checkpoint import (UserError, atomic_save_safetensors, atomic_write, read_gguf, read_json, read_safetensors,
+from checkpoint import (UserError, atomic_save_safetensors, atomic_write, read_config, read_gguf, read_safetensors,
                         resolve_checkpoint)
 from processor import Processor  # noqa: F401  (re-exported: `from model import Processor` keeps working)
 
@@ -39,6 +39,16 @@ class VisionConfig:
     vit_mlp_dim: int = 3072        # hidden size of each block's MLP
     vit_ln_eps: float = 1e-6
     vit_pos_embed: str = "learned"  # "learned" (SigLIP) or "sincos2d" (fixed, ViT BKMs)
+
+    def __post_init__(self):
+        validate(self, [("vit_patch_size", self.vit_patch_size >= 1), ("vit_heads", self.vit_heads >= 1)])
+        validate(self, [("vit_image_size", self.vit_image_size >= self.vit_patch_size),
+                        ("vit_depth", self.vit_depth >= 0), ("vit_width", self.vit_width % self.vit_heads == 0),
+                        ("vit_mlp_dim", self.vit_mlp_dim >= 1), ("vit_ln_eps", self.vit_ln_eps > 0),
+                        ("vit_pos_embed", self.vit_pos_embed in ("learned", "sincos2d")),
+                        ("vit_width", self.vit_pos_embed == "learned" or self.vit_width % 4 == 0),
+                        ("vit_width", self.vit_depth * (4 * self.vit_width ** 2 + 2 * self.vit_width * self.vit_mlp_dim)
+                         + self.num_patches * self.vit_width <= MAX_PARAMETERS)])
 
     @property
     def num_patches(self):
@@ -58,6 +68,16 @@ class LanguageConfig:
     lm_max_positions: int = 8192
     lm_tie_embeddings: bool = True
 
+    def __post_init__(self):
+        validate(self, [("lm_heads", self.lm_heads >= 1), ("lm_kv_heads", self.lm_kv_heads >= 1)])
+        validate(self, [("lm_kv_heads", self.lm_heads % self.lm_kv_heads == 0), ("lm_layers", self.lm_layers >= 0),
+                        ("lm_hidden", self.lm_hidden % self.lm_heads == 0 and self.head_dim % 2 == 0),
+                        ("lm_intermediate", self.lm_intermediate >= 1), ("lm_vocab", self.lm_vocab >= 1),
+                        ("lm_rope_theta", self.lm_rope_theta > 0), ("lm_rms_eps", self.lm_rms_eps > 0),
+                        ("lm_max_positions", self.lm_max_positions >= 1),
+                        ("lm_hidden", self.lm_layers * self.lm_hidden * (4 * self.lm_hidden + 3 * self.lm_intermediate)
+                         + 2 * self.lm_vocab * self.lm_hidden <= MAX_PARAMETERS)])
+
     @property
     def head_dim(self):
         return self.lm_hidden // self.lm_heads
@@ -69,6 +89,11 @@ class VLMConfig:
     lm: LanguageConfig = field(default_factory=LanguageConfig)
     mp_pixel_shuffle: int = 2      # s: s*s neighbouring patches -> one LM token (4x fewer tokens)
     image_token_id: int = 49190    # set from the tokenizer when the image tokens are added
+
+    def __post_init__(self):
+        grid = self.vision.vit_image_size // self.vision.vit_patch_size
+        validate(self, [("mp_pixel_shuffle", self.mp_pixel_shuffle >= 1 and grid % self.mp_pixel_shuffle == 0),
+                        ("image_token_id", 0 <= self.image_token_id < self.lm.lm_vocab)])
 
     @property
     def image_tokens(self):
@@ -82,6 +107,27 @@ class VLMConfig:
     def from_dict(cls, d):
         d = {k: v for k, v in d.items() if k != "model_type"}
         return cls(vision=VisionConfig(**d.pop("vision")), lm=LanguageConfig(**d.pop("lm")), **d)
+
+
+MAX_PARAMETERS = 10 ** 11  # 400 GB in fp32: any config beyond it is a typo, not a model to allocate
+
+
+def validate(cfg, rules):
+    """rules: (field, ok) pairs -> one UserError naming the first field out of range. A comparison
+    with a value of the wrong type (a string, a list) is reported the same way."""
+    for name, ok in rules:
+        if not ok:
+            raise UserError(f"{type(cfg).__name__}: {name}={getattr(cfg, name)!r} is out of range or inconsistent")
+
+
+def parse_config(path, make):
+    """make() builds a config from a checkpoint's config.json; any malformed value -> one line."""
+    try:
+        return make()
+    except UserError as e:
+        raise UserError(f"{path}: {e}") from None
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+        raise UserError(f"{path}: bad config.json ({type(e).__name__}: {e})") from None
 
 
 # the seed's ViT hyperparameters (image size, patch size, depth, width, MLP dim) of real encoders;
@@ -189,8 +235,8 @@ class VisionTransformer(nn.Module):
     def from_pretrained(cls, path, **overrides):
         """A SigLIP checkpoint (SiglipModel or SiglipVisionModel): directory or hub id."""
         path = resolve_checkpoint(path)
-        config = read_json(os.path.join(path, "config.json"))
-        cfg = vision_config_from_hf(config.get("vision_config", config), **overrides)
+        config = read_config(os.path.join(path, "config.json"))
+        cfg = parse_config(path, lambda: vision_config_from_hf(config.get("vision_config", config), **overrides))
         model = cls(cfg)
         state = read_safetensors(path)
         prefix = "vision_model." if any(k.startswith("vision_model.") for k in state) else ""
@@ -391,10 +437,10 @@ class LanguageModel(nn.Module):
         if str(path).endswith(".gguf"):
             return load_gguf(path)
         path = resolve_checkpoint(path)
-        config = read_json(os.path.join(path, "config.json"))
+        config = read_config(os.path.join(path, "config.json"))
         if config.get("model_type") not in ("llama", "mistral", "smollm3", None):
             raise UserError(f"{path}: model_type {config.get('model_type')!r} is not a Llama-family LM")
-        cfg = lm_config_from_hf(config)
+        cfg = parse_config(path, lambda: lm_config_from_hf(config))
         model = cls(cfg)
         load_mapped(model, llama_key_map(cfg, "model.", "lm_head."), read_safetensors(path),
                     ignore=("model.rotary_emb.",), source=path)
@@ -467,21 +513,20 @@ class VLM(nn.Module):
     def from_pretrained(cls, path):
         """A picoVLM directory (ours), or a SmolVLM/Idefics3 directory or hub id."""
         path = resolve_checkpoint(path)
-        config = read_json(os.path.join(path, "config.json"))
+        config = read_config(os.path.join(path, "config.json"))
         kind = config.get("model_type")
         if kind in ("smolvlm", "idefics3"):
-            return load_smolvlm(path, config)
+            cfg = parse_config(path, lambda: smolvlm_config(config))
+            model = cls(cfg)
+            load_mapped(model, smolvlm_key_map(cfg), read_safetensors(path), source=path)
+            return model
         if kind != "picovlm":
             raise UserError(f"{path}: model_type {kind!r} is not a picoVLM, SmolVLM or Idefics3 checkpoint")
-        try:
-            cfg = VLMConfig.from_dict(config)
-        except TypeError as e:
-            raise UserError(f"{path}/config.json: bad picoVLM config ({e})") from None
+        cfg = parse_config(path, lambda: VLMConfig.from_dict(config))  # checked before anything is built
         model = cls(cfg)
-        state = read_safetensors(path)
         plan = {k: [k] for k in model.state_dict()
                 if not (cfg.lm.lm_tie_embeddings and k == "lm.lm_head.weight")}
-        load_mapped(model, plan, state, source=path)
+        load_mapped(model, plan, read_safetensors(path), source=path)
         return model
 
 
@@ -679,14 +724,14 @@ def load_gguf(path):
     meta, tensors, vocab = read_gguf(path)
     if meta.get("general.architecture") != "llama":
         raise UserError(f"{path}: architecture {meta.get('general.architecture')!r} is not llama")
-    cfg = LanguageConfig(
+    cfg = parse_config(path, lambda: LanguageConfig(
         lm_hidden=meta["llama.embedding_length"], lm_layers=meta["llama.block_count"],
         lm_heads=meta["llama.attention.head_count"], lm_kv_heads=meta["llama.attention.head_count_kv"],
         lm_intermediate=meta["llama.feed_forward_length"], lm_vocab=vocab,
         lm_rope_theta=float(meta.get("llama.rope.freq_base", 10000.0)),
         lm_rms_eps=float(meta["llama.attention.layer_norm_rms_epsilon"]),
         lm_max_positions=meta.get("llama.context_length", 8192),
-        lm_tie_embeddings="output.weight" not in tensors)
+        lm_tie_embeddings="output.weight" not in tensors))
     state = {}
     for name, w in tensors.items():
         if name.endswith(("attn_q.weight", "attn_k.weight")):
@@ -709,14 +754,11 @@ def smolvlm_key_map(cfg: VLMConfig):
             **prefixed(llama_key_map(cfg.lm, "model.text_model.", "lm_head."), "lm.")}
 
 
-def load_smolvlm(path, config):
+def smolvlm_config(config):
     v, t = config["vision_config"], config["text_config"]
     tie = config.get("tie_word_embeddings", t.get("tie_word_embeddings", False))
-    cfg = VLMConfig(vision=vision_config_from_hf(v), lm=lm_config_from_hf(t, tie),
-                    mp_pixel_shuffle=config.get("scale_factor", 2), image_token_id=config["image_token_id"])
-    model = VLM(cfg)
-    load_mapped(model, smolvlm_key_map(cfg), read_safetensors(path), source=path)
-    return model
+    return VLMConfig(vision=vision_config_from_hf(v), lm=lm_config_from_hf(t, tie),
+                     mp_pixel_shuffle=config.get("scale_factor", 2), image_token_id=config["image_token_id"])
 
 
 def export_smolvlm(vlm, path, processor=None):

@@ -164,27 +164,37 @@ def parse_args(argv):
     return args.pop("config", "default"), args
 
 
+FIXED_ON_RESUME = {"init_from", "vision", "mp_pixel_shuffle", "lm", "tokenizer", "system_prompt", "proxy_width",
+                   "proxy_layers", "lm_train_layers", "seq_len"}
+
+
 def make_config(preset, explicit, saved=None):
     """The settings of a run: a preset (or, with --resume, the saved run's settings) and the flags
     given. A preset's vit_* settings go with its own --vision: another --vision starts from that
     one's shape (a VISION_PRESETS name, or SigLIP-B/16's for "scratch")."""
     base = dict(saved) if saved else dict(PRESETS[preset])
-    vit = base.pop("vit", {})  # a saved config holds the ViT's fields as a dict
+    vit = dict(base.pop("vit", {}))  # a saved config holds the ViT's fields as a dict
     vit.update({k: base.pop(k) for k in list(base) if k in VIT_FIELDS})
+    if saved:  # what the saved weights and optimizer state were made with cannot change
+        old = {**base, **vit}
+        changed = sorted(k for k, v in explicit.items() if (k in FIXED_ON_RESUME or k in VIT_FIELDS) and old.get(k) != v)
+        if changed:
+            raise UserError(f"--{changed[0]} cannot change on --resume (the saved run has {old.get(changed[0])!r}); "
+                            f"start a new run instead (--init_from {base.get('out_dir')} fine-tunes its model)")
     values = {**base, **{k: v for k, v in explicit.items() if k not in VIT_FIELDS}}
     if values.get("vision", "scratch") != base.get("vision", "scratch"):
         vit = {}
-    shape = M.VISION_PRESETS.get(values.get("vision"), M.VisionConfig())
+    given = {k for k in explicit if k in VIT_FIELDS or k in ("vision", "lm", "tokenizer", "mp_pixel_shuffle")}
+    if values.get("init_from") and given:
+        raise UserError(f"--{sorted(given)[0]} is ignored with --init_from (the checkpoint decides the model)")
+    vision = values.get("vision", "scratch")
+    if not (vision == "scratch" or vision in M.VISION_PRESETS) and given & set(VIT_FIELDS):
+        raise UserError(f"--{sorted(given & set(VIT_FIELDS))[0]} is ignored with a pretrained --vision {vision}")
     vit.update({k: v for k, v in explicit.items() if k in VIT_FIELDS})
     try:
-        cfg = TrainConfig(**values, vit=dataclasses.replace(shape, **vit))
+        cfg = TrainConfig(**values, vit=dataclasses.replace(M.VISION_PRESETS.get(vision, M.VisionConfig()), **vit))
     except TypeError as e:
         raise UserError(f"bad settings ({e})") from None
-    given = {k for k in explicit if k in VIT_FIELDS or k in ("vision", "lm", "tokenizer", "mp_pixel_shuffle")}
-    if cfg.init_from and given:
-        raise UserError(f"--{sorted(given)[0]} is ignored with --init_from (the checkpoint decides the model)")
-    if not (cfg.vision == "scratch" or cfg.vision in M.VISION_PRESETS) and given & set(VIT_FIELDS):
-        raise UserError(f"--{sorted(given & set(VIT_FIELDS))[0]} is ignored with a pretrained --vision {cfg.vision}")
     checks = [("max_steps", cfg.max_steps >= 0), ("pretrain_steps", cfg.pretrain_steps >= 0),
               ("batch_size", cfg.batch_size >= 1), ("pretrain_batch_size", cfg.pretrain_batch_size >= 1),
               ("grad_accum", cfg.grad_accum >= 1), ("lm_train_layers", cfg.lm_train_layers >= 0),
@@ -198,7 +208,6 @@ def make_config(preset, explicit, saved=None):
               ("seq_len", cfg.seq_len >= 16), ("synthetic", cfg.synthetic >= 0),
               ("proxy_layers", cfg.proxy_layers >= 1), ("proxy_width", cfg.proxy_width >= 1),
               ("mp_pixel_shuffle", cfg.mp_pixel_shuffle >= 1),
-              ("vit_pos_embed", cfg.vit.vit_pos_embed in ("sincos2d", "learned")),
               ("device", cfg.device in ("auto", "cpu", "cuda", "mps")),
               ("dtype", cfg.dtype in ("auto", *cli.DTYPES))]
     for name in ("type_weights", "pretrain_type_weights"):
@@ -208,7 +217,7 @@ def make_config(preset, explicit, saved=None):
             raise UserError(f"--{name} {getattr(cfg, name)!r}: expected TYPE=WEIGHT,... with weights >= 0") from None
     for name, ok in checks:
         if not ok:
-            raise UserError(f"--{name} {getattr(cfg.vit if name in VIT_FIELDS else cfg, name)!r} is out of range")
+            raise UserError(f"--{name} {getattr(cfg, name)!r} is out of range")
     return cfg
 
 
@@ -366,15 +375,39 @@ def evaluate(model, batches, run):
     return {"val_loss": loss_sum / max(1, n_tokens), "accuracy": mean(per_type.values()), "per_type": per_type}
 
 
+def finite(x):
+    """NaN and infinity (a NaN loss, no validation samples) as null: JSON has no NaN."""
+    if isinstance(x, dict):
+        return {k: finite(v) for k, v in x.items()}
+    return None if isinstance(x, float) and not math.isfinite(x) else x
+
+
+def read_log(path):
+    """log.jsonl's records. The log is a record, not the state: a line torn by a crash (or any
+    line that is not a step's record) is left out rather than stopping a resume."""
+    if not os.path.exists(path):
+        return []
+    rows = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(row, dict) and isinstance(row.get("step"), int):
+                rows.append(row)
+    return rows
+
+
 def plot(log_path, png_path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    rows = [json.loads(line) for line in open(log_path)]
+    rows = read_log(log_path)
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
     for stage, color, what in (("pretrain", "tab:gray", "pretrain (proxy decoder)"), ("vlm", "tab:blue", "vlm")):
-        r = [x for x in rows if x["stage"] == stage and "loss" in x]
-        e = [x for x in r if "val_loss" in x]
+        r = [x for x in rows if x.get("stage") == stage and x.get("loss") is not None]  # null: a NaN step
+        e = [x for x in r if x.get("val_loss") is not None]
         if r:
             a.plot([x["step"] for x in r], [x["loss"] for x in r], color=color, lw=0.8, label=f"{what}: train")
             a.plot([x["step"] for x in e], [x["val_loss"] for x in e], "o-", color=color, ms=3, label=f"{what}: val")
@@ -417,7 +450,7 @@ class Run:
     def log(self, record):
         if self.main:
             with open(self.log_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+                f.write(json.dumps(finite(record)) + "\n")
             if self.wandb:
                 self.wandb.log(record, step=record["step"])
 
@@ -450,6 +483,8 @@ def train_stage(run, state, model, groups, dataset, val_batches, collate_fn):
     if run.resume and run.resume[0]["state"]["stage"] == state.stage:
         checkpoint.restore_state(*run.resume, model, opt, scaler)
         run.resume = None
+    elif state.step == 0:  # from its first moment out_dir says where the run stands (generate.py reads it)
+        save_checkpoint(run, state, model, opt, scaler, {})
     ddp = (torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
            if run.world > 1 else model)
     params = [p for g in groups for p in g["params"]]
@@ -461,7 +496,7 @@ def train_stage(run, state, model, groups, dataset, val_batches, collate_fn):
     if run.main:
         from tqdm import tqdm
         bar = tqdm(total=steps, initial=state.step, desc=state.stage, unit="step", dynamic_ncols=True)
-    bad_in_a_row = 0
+    bad_in_a_row, unusable = 0, 0
     while state.step < steps:
         t = time.time()
         for g in opt.param_groups:
@@ -472,6 +507,14 @@ def train_stage(run, state, model, groups, dataset, val_batches, collate_fn):
         if run.world > 1:
             dist.all_reduce(total)
         n_supervised, tokens, skipped = total.tolist()
+        state.samples, state.skipped = state.samples + batch_size * accum * run.world, state.skipped + int(skipped)
+        if not n_supervised:  # nothing usable in the whole step: not a step; a dataset of such samples is an error
+            unusable += batch_size * accum * run.world
+            if unusable >= len(dataset):
+                raise UserError(f"{cfg.data_dir}: {unusable} samples drawn in a row and none usable (unreadable "
+                                f"images, no answer, or longer than --seq_len {cfg.seq_len})")
+            continue
+        unusable = 0
         loss_sum, bad = torch.zeros((), device=device), False
         for k, b in enumerate(micro):
             with ddp.no_sync() if run.world > 1 and k < accum - 1 else nullcontext():  # all-reduce once a step
@@ -502,8 +545,7 @@ def train_stage(run, state, model, groups, dataset, val_batches, collate_fn):
             scaler.step(opt)
             scaler.update()
             opt.zero_grad(set_to_none=True)
-        state.step, state.samples = state.step + 1, state.samples + batch_size * accum * run.world
-        state.skipped += int(skipped)
+        state.step += 1
         dt = time.time() - t
         record.update(tokens_per_s=round(tokens / dt), time_s=round(time.time() - run.t0, 2))
         postfix = {"loss": f"{record['loss']:.3f}", "tok/s": f"{tokens / dt:.0f}"}
@@ -534,10 +576,9 @@ def train(cfg, resume):
     random.seed(cfg.seed)
     state = State(**resume[0]["state"]) if resume else State(stage="pretrain" if cfg.pretrain_steps else "vlm")
     if run.main:
-        os.makedirs(cfg.out_dir, exist_ok=True)
         if resume:  # the steps after the checkpoint will be done again: forget their log lines
-            lines = open(run.log_path).readlines() if os.path.exists(run.log_path) else []
-            checkpoint.atomic_write(run.log_path, "".join(x for x in lines if json.loads(x)["step"] <= state.offset + state.step))
+            rows = [r for r in read_log(run.log_path) if r["step"] <= state.offset + state.step]
+            checkpoint.atomic_write(run.log_path, "".join(json.dumps(r) + "\n" for r in rows))
         else:  # a new run here: the files of an older one must not be mistaken for this one's
             for name in (checkpoint.STATE_FILE, "log.jsonl", "final_eval.json", "loss.png"):
                 if os.path.exists(os.path.join(cfg.out_dir, name)):
@@ -603,7 +644,9 @@ def train(cfg, resume):
         result = final_evaluation(vlm, processor, test_records[:cfg.final_eval_samples or None], run.device,
                                   run.autocast)
         result.update(split=test_split, skipped_samples=state.skipped, skipped_steps=state.bad_steps, wall_s=round(wall, 1))
-        checkpoint.atomic_write(os.path.join(cfg.out_dir, "final_eval.json"), json.dumps(result, indent=2))
+        if not result["n"]:
+            result["note"] = f"no {test_split} sample could be evaluated (unreadable images): accuracy is null"
+        checkpoint.atomic_write(os.path.join(cfg.out_dir, "final_eval.json"), json.dumps(finite(result), indent=2))
         print(f"held-out exact match {result['accuracy']:.1%} ({result['n']} {test_split} samples): "
               + ", ".join(f"{t} {a:.0%}" for t, a in result["per_type"].items()))
     print(f"done in {wall:.0f} s; skipped {state.skipped} unusable samples and {state.bad_steps} NaN/inf steps; "
@@ -623,7 +666,12 @@ def main(argv=None):
             if resume is None:
                 raise UserError(f"--resume: no {checkpoint.STATE_FILE} in {out_dir} (nothing to resume)")
         cfg = make_config(preset, explicit, saved=resume[0]["config"] if resume else None)
-        return train(cfg, resume)
+        lock = checkpoint.claim_dir(cfg.out_dir) if int(os.environ.get("RANK", "0")) == 0 else None
+        try:
+            return train(cfg, resume)
+        finally:
+            if lock and os.path.exists(lock):
+                os.unlink(lock)
     try:
         return cli.main(run, "train.py")
     except TrainingError as e:
