@@ -153,6 +153,8 @@ def replace_dir(path, write):
     renames swap it in, so a crash leaves the old or the new one, never a mix."""
     parent, name = os.path.split(os.path.abspath(path))
     tmp, old = os.path.join(parent, f".{name}-tmp"), os.path.join(parent, f".{name}-old")
+    if not os.path.exists(path) and os.path.isdir(old):  # a kill between the two renames: the old one is whole
+        os.rename(old, path)
     for d in (tmp, old):
         shutil.rmtree(d, ignore_errors=True)
     try:

@@ -30,7 +30,7 @@ from PIL import Image
 from tqdm import tqdm
 
 import cli
-from checkpoint import UserError, atomic_open
+from checkpoint import UserError, atomic_open, atomic_write
 from synthetic import DESCRIBE, build_synthetic, qa
 
 
@@ -50,10 +50,6 @@ HF_IMAGE_COLUMNS = ["image", "images", "img", "jpg", "png"]
 HF_TEXT_COLUMNS = ["text", "caption", "captions", "sentences", "answer"]
 
 
-def qa(question, answer):
-    return [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
-
-
 def check_messages(messages):
     """Return the turns stripped of surrounding whitespace; Skip unless they alternate
     user/assistant, start with the user, end with the assistant and no answer is empty."""
@@ -71,34 +67,44 @@ def check_messages(messages):
 
 
 def _image_bytes(ref):
-    """Encoded bytes and file extension of an image given as a path or an in-memory PIL image."""
+    """Encoded bytes and file extension of an image given as a path, an undecoded `datasets` image
+    ({"bytes", "path"}) or an in-memory PIL image."""
+    if isinstance(ref, dict):
+        if ref.get("bytes") is not None:
+            return ref["bytes"], Path(ref.get("path") or "").suffix.lower()
+        ref = ref.get("path")
     if isinstance(ref, Image.Image):  # decoded by datasets: re-encode, keeping JPEG as JPEG
         jpeg = ref.format == "JPEG" and ref.mode in ("RGB", "L")
         img = ref if jpeg or ref.mode in ("RGB", "RGBA", "L", "LA", "P") else ref.convert("RGB")
         buf = io.BytesIO()
         img.save(buf, format="JPEG", quality=95) if jpeg else img.save(buf, format="PNG")
         return buf.getvalue(), ".jpg" if jpeg else ".png"
+    if isinstance(ref, str) and "://" in ref:  # a streamed dataset's remote file (hf://...)
+        import fsspec
+        try:
+            with fsspec.open(ref, "rb") as f:
+                return f.read(), Path(ref).suffix.lower()
+        except (OSError, ValueError):
+            raise Skip("missing image") from None
     if ref is None or not Path(ref).is_file():
         raise Skip("missing image")
     return Path(ref).read_bytes(), Path(ref).suffix.lower()
 
 
-def store_image(ref, out_dir):
-    """Check that the image decodes and copy it to <out_dir>/images/<content hash><ext>;
-    returns the relative path. Hash names are unique, dedupe shared images and make re-runs
-    into the same directory (e.g. another split) safe."""
+def read_image(ref):
+    """-> (encoded bytes, relative path images/<content hash><ext>) of an image that decodes; Skip
+    otherwise. Hash names are unique, dedupe shared images and make re-runs into the same
+    directory (e.g. another split) safe."""
     data, ext = _image_bytes(ref)
     try:
         with Image.open(io.BytesIO(data)) as im:
             im.draft("RGB", (64, 64))  # JPEG only: decode at 1/8 scale, still reads (and checks) the whole stream
             im.load()  # unlike verify(), this also catches truncated JPEGs
+            if ext not in IMAGE_EXTS:  # bytes without a usable file name: named by their format
+                ext = ".jpg" if im.format in ("JPEG", "MPO") else f".{im.format.lower()}"
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
         raise Skip("bad image") from None
-    name = f"images/{hashlib.sha1(data).hexdigest()[:20]}{ext}"
-    if not (out_dir / name).exists():
-        with atomic_open(out_dir / name, "wb") as f:
-            f.write(data)
-    return name
+    return data, f"images/{hashlib.sha1(data).hexdigest()[:20]}{ext}"
 
 
 class Summary:
@@ -122,29 +128,39 @@ def _parsed(entries, parse, skipped):
         yield from records
 
 
+def check_output(split, limit):
+    """Refuse bad output settings before anything is loaded or written."""
+    if not re.fullmatch(r"[\w-]+", split):
+        raise UserError(f"split must be a plain name like 'train', got {split!r} (use --limit to subsample)")
+    if limit is not None and limit < 1:
+        raise UserError(f"--limit must be at least 1, got {limit}")
+
+
 def write_records(out_dir, split, entries, parse, source, total=None, limit=None):
     """Shared converter loop: parse(entry) -> [(image refs, messages), ...]; writes
     <out_dir>/<split>.jsonl atomically, skipping (and counting) bad records."""
-    if not re.fullmatch(r"[\w-]+", split):
-        raise UserError(f"split must be a plain name like 'train', got {split!r} (use --limit to subsample)")
+    check_output(split, limit)
     out_dir = Path(out_dir)
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
     summary = Summary(out_dir / f"{split}.jsonl")
     stored = {}  # source path -> stored name: COCO has ~5 captions per image, read each file once
 
-    def store(ref):
-        if not isinstance(ref, Path):  # in-memory image: nothing to cache it by
-            return store_image(ref, out_dir)
-        if ref not in stored:
-            stored[ref] = store_image(ref, out_dir)
-        return stored[ref]
+    def store(refs):
+        """A record's image names; all its images decode before any is written: a skipped record leaves no orphan."""
+        new = {i: read_image(ref) for i, ref in enumerate(refs) if not (isinstance(ref, Path) and ref in stored)}
+        for i, (data, name) in new.items():
+            if not (out_dir / name).exists():
+                atomic_write(out_dir / name, data)
+            if isinstance(refs[i], Path):
+                stored[refs[i]] = name
+        return [new[i][1] if i in new else stored[ref] for i, ref in enumerate(refs)]
 
     entries = tqdm(entries, total=total, desc=f"{source} -> {summary.path.name}", unit="entry")
     with atomic_open(summary.path) as f:
         for refs, messages in _parsed(entries, parse, summary.skipped):
             try:
                 messages = check_messages(messages)
-                images = [store(ref) for ref in refs]
+                images = store(refs)
             except SCHEMA_ERRORS as e:
                 summary.skipped[getattr(e, "reason", "bad schema")] += 1
                 continue
@@ -177,8 +193,9 @@ def convert_coco(captions, images_dir, out_dir, split="train", limit=None):
     images_dir = _require(images_dir, "images directory", is_dir=True)
     if not (isinstance(data, dict) and all(isinstance(data.get(k), list) for k in ("images", "annotations"))):
         raise UserError(f"{captions} is not a COCO captions file (needs 'images' and 'annotations' lists)")
+    # an entry with a bad id (a list is unhashable) is dropped: captions of that image then count as missing
     files = {im["id"]: im["file_name"] for im in data["images"]
-             if isinstance(im, dict) and {"id", "file_name"} <= im.keys()}
+             if isinstance(im, dict) and isinstance(im.get("id"), (int, str)) and "file_name" in im}
 
     def parse(ann):
         if ann["image_id"] not in files:
@@ -247,7 +264,9 @@ def convert_hf_rows(rows, out_dir, split="train", image_column=None, text_column
 
 def convert_hf(dataset, out_dir, subset=None, split="train", image_column=None, text_column=None,
                prompt=DESCRIBE, streaming=False, limit=None):
-    """Load a Hugging Face dataset with `datasets` and convert it with convert_hf_rows."""
+    """Load a Hugging Face dataset (a hub id, or a local folder of data files) with `datasets` and
+    convert it with convert_hf_rows."""
+    check_output(split, limit)
     try:
         import datasets
     except ImportError:
@@ -259,8 +278,10 @@ def convert_hf(dataset, out_dir, subset=None, split="train", image_column=None, 
     for col in (image_column, text_column):
         if col and ds.column_names and col not in ds.column_names:
             raise UserError(f"no column {col!r} in {dataset}; columns: {', '.join(ds.column_names)}")
-    return convert_hf_rows(ds, out_dir, split, image_column, text_column, prompt,
-                           total=None if streaming else len(ds), limit=limit)
+    total = None if streaming else len(ds)
+    if ds.features:  # images stay bytes or paths: read_image decodes them, where a bad one is skipped and counted
+        ds = (ds if streaming else ds.to_iterable_dataset()).decode(False)
+    return convert_hf_rows(ds, out_dir, split, image_column, text_column, prompt, total=total, limit=limit)
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -306,7 +327,7 @@ def _parser():
     c = converter("hf", "a Hugging Face dataset (needs `pip install datasets`)",
                   "Convert a Hugging Face dataset: the_cauldron layout (images + texts) or an image and a text "
                   "column. --split is both the dataset split and the output name.")
-    c.add_argument("--dataset", required=True, help="dataset name, e.g. HuggingFaceM4/the_cauldron")
+    c.add_argument("--dataset", required=True, help="HuggingFaceM4/the_cauldron, say, or a local data folder")
     c.add_argument("--subset", help="dataset config, e.g. vqav2")
     c.add_argument("--image_column", help="default: first of " + ", ".join(HF_IMAGE_COLUMNS))
     c.add_argument("--text_column", help="default: the_cauldron 'texts', else first of " + ", ".join(HF_TEXT_COLUMNS))

@@ -12,6 +12,8 @@ import math
 import multiprocessing as mp
 import os
 import random
+import signal
+from collections import namedtuple
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -36,6 +38,9 @@ TYPES = ["color", "shape", "count", "position", "size", "text", "caption"]
 SUPERSAMPLE = 4  # draw 4x larger, then box-downsample: cheap anti-aliasing
 MARGIN = 0.03  # keep shapes this far (fraction of the image) from the border
 SPLIT_OFFSETS = {"train": 0, "val": 10**8, "test": 2 * 10**8}  # disjoint sample-index ranges, far beyond any size
+MIN_IMAGE_SIZE = 16  # below this the smallest shapes (count questions: radius 8% of the side) are under 2.5 px wide
+Shape = namedtuple("Shape", "kind color cx cy r")  # what a canvas drew, in normalised coordinates
+Word = namedtuple("Word", "word fill box")  # box: (x0, y0, x1, y1) of the word's bitmap, normalised
 
 
 @functools.lru_cache(maxsize=None)
@@ -60,7 +65,8 @@ def _article(word):
 
 
 class _Canvas:
-    """Draws in normalised [0, 1] coordinates so layouts don't depend on image_size."""
+    """Draws in normalised [0, 1] coordinates so layouts don't depend on image_size, and lists what
+    it drew (shapes, words, bg_name) so that tests can check every answer against the scene."""
 
     def __init__(self, size, rng):
         self.bg_name = rng.choice(list(BACKGROUNDS))
@@ -68,9 +74,11 @@ class _Canvas:
         self.px = size * SUPERSAMPLE
         self.img = Image.new("RGB", (self.px, self.px), bg)
         self.draw = ImageDraw.Draw(self.img)
+        self.shapes, self.words = [], []
 
     def shape(self, kind, color, cx, cy, r):
-        """Every shape fits inside the circle (cx, cy, r), which is what placement reasons about."""
+        """Every shape fits inside the square cx +- r, cy +- r, which is what placement reasons about."""
+        self.shapes.append(Shape(kind, color, cx, cy, r))
         x, y, r, fill = cx * self.px, cy * self.px, r * self.px, COLORS[color]
         if kind == "circle":
             self.draw.ellipse((x - r, y - r, x + r, y + r), fill=fill)
@@ -92,7 +100,9 @@ class _Canvas:
         w = h * mask.width / mask.height
         x = rng.uniform(0.05 * self.px, 0.95 * self.px - w)
         y = rng.uniform(0.05 * self.px, 0.95 * self.px - h)
-        self.draw.bitmap((round(x), round(y)), mask.resize((round(w), round(h)), Image.Resampling.BILINEAR), fill=fill)
+        x, y, w, h = round(x), round(y), round(w), round(h)
+        self.words.append(Word(word, fill, (x / self.px, y / self.px, (x + w) / self.px, (y + h) / self.px)))
+        self.draw.bitmap((x, y), mask.resize((w, h), Image.Resampling.BILINEAR), fill=fill)
 
     def finish(self):
         return self.img.reduce(SUPERSAMPLE)
@@ -184,14 +194,21 @@ GENERATORS = {"color": _q_color, "shape": _q_shape, "count": _q_count, "position
               "size": _q_size, "text": _q_text, "caption": _q_caption}
 
 
-def make_sample(index, seed=0, image_size=64):
-    """Sample number `index` -> (PIL image, question, answer, type). Depends only on (index, seed),
-    so the same sample comes out whatever the split sizes or the number of workers."""
+def make_scene(index, seed=0, image_size=64):
+    """Sample number `index` -> (canvas, question, answer, type); the canvas lists what it drew.
+    Depends only on (index, seed), so the same sample comes out whatever the split sizes or the
+    number of workers."""
     # a str seed is hashed the same way on every run and keeps (seed, index) pairs apart, which seed + index wouldn't
     rng = random.Random(f"{seed}:{index}")
     qtype = TYPES[index % len(TYPES)]  # round-robin: exactly uniform mix, every type in tiny builds
     canvas = _Canvas(image_size, rng)
     question, answer = GENERATORS[qtype](rng, canvas)
+    return canvas, question, answer, qtype
+
+
+def make_sample(index, seed=0, image_size=64):
+    """Sample number `index` -> (PIL image, question, answer, type)."""
+    canvas, question, answer, qtype = make_scene(index, seed, image_size)
     return canvas.finish(), question, answer, qtype
 
 
@@ -218,16 +235,25 @@ def build_synthetic(out_dir="data/synthetic", n_train=20000, n_val=500, n_test=5
     written. The build fills a new directory that replaces out_dir only when complete, so an
     interrupted rebuild leaves the old set whole (never old records pointing at new images)."""
     out_dir = Path(out_dir)
-    if out_dir.exists() and (not out_dir.is_dir() or set(os.listdir(out_dir)) - DATASET_FILES):
+    sizes = {"train": n_train, "val": n_val, "test": n_test}
+    if min(sizes.values()) < 0:
+        raise UserError(f"--train, --val and --test must be >= 0, got {n_train}, {n_val} and {n_test}")
+    if image_size < MIN_IMAGE_SIZE:
+        raise UserError(f"--image_size must be at least {MIN_IMAGE_SIZE}, got {image_size}")
+    if workers is not None and workers < 1:
+        raise UserError(f"--workers must be at least 1, got {workers}")
+    # .tmp-* files are what a killed atomic write leaves: they go with the directory being replaced
+    if out_dir.exists() and (not out_dir.is_dir() or
+                             {n for n in os.listdir(out_dir) if not n.startswith(".tmp-")} - DATASET_FILES):
         raise UserError(f"{out_dir}: exists and is not a dataset directory (only {', '.join(sorted(DATASET_FILES))} "
                         f"may be in it); choose another --out")
-    sizes = {"train": n_train, "val": n_val, "test": n_test}
     workers = workers or os.cpu_count() or 1
     paths = {split: out_dir / f"{split}.jsonl" for split, n in sizes.items() if n > 0}
 
     def write(tmp):
         os.makedirs(os.path.join(tmp, "images"))
-        with mp.Pool(workers) if workers > 1 else nullcontext() as pool:
+        # workers ignore Ctrl-C (a terminal sends it to them too): the main process stops them, without tracebacks
+        with mp.Pool(workers, signal.signal, (signal.SIGINT, signal.SIG_IGN)) if workers > 1 else nullcontext() as pool:
             for split in paths:
                 jobs = [(tmp, split, i, seed, image_size) for i in range(sizes[split])]
                 results = pool.imap(_synthetic_job, jobs, chunksize=64) if pool else map(_synthetic_job, jobs)

@@ -1,12 +1,17 @@
 """Tests for prepare_data.py: synthetic generation, converters, CLI errors, atomic writes."""
 
 import hashlib
-import importlib.util
+import io
 import json
+import os
+import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -32,6 +37,41 @@ def save_png(path, color=(200, 30, 30), size=(16, 12)):
 
 def cli(*args, cwd=None):
     return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], capture_output=True, text=True, cwd=cwd)
+
+
+def main(capsys, *args):
+    """prepare_data.py's main in this process (no interpreter start) -> CompletedProcess."""
+    returncode = pd.main(list(map(str, args)))
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(args, returncode, out, err)
+
+
+def start(*args):
+    """prepare_data.py in its own process group, as a shell runs it: a Ctrl-C reaches all its processes."""
+    return subprocess.Popen([sys.executable, str(SCRIPT), *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def wait_for(condition, proc, timeout=60):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert proc.poll() is None and time.monotonic() < deadline, "the process ended (or hung) before it was stopped"
+        time.sleep(0.01)
+
+
+def assert_interrupted(proc):
+    """Exit status 130 and, besides the progress bars, one line that says so: no traceback from any process."""
+    _, err = proc.communicate(timeout=60)
+    lines = [line for line in re.split(r"[\r\n]", err) if line.strip() and not re.search(r"\d+%\|", line)]
+    assert proc.returncode == 130 and lines == ["prepare_data.py: interrupted"], err
+
+
+def pngs_since(root, t):
+    return sum(p.stat().st_mtime > t for p in Path(root).rglob("*.png"))
+
+
+def tree_digest(root):
+    return {str(p.relative_to(root)): digest(p) for p in sorted(Path(root).rglob("*")) if p.is_file()}
 
 
 def assert_error_line(result, text):
@@ -81,6 +121,80 @@ def test_make_sample_answers():
     assert seen == set(S.TYPES)
 
 
+def named_colors(text):
+    return re.findall(rf"\b({'|'.join(S.COLORS)})\b", text)
+
+
+def span(shape, vertical):
+    c = shape.cy if vertical else shape.cx
+    return c - shape.r, c + shape.r
+
+
+def test_answers_agree_with_the_drawn_scene():
+    """Every question type's answer, checked against what the canvas says it drew."""
+    article = {w: "an" if w[0] in "aeiou" else "a" for w in [*S.COLORS, *S.BACKGROUNDS]}
+    for i in range(7 * 60):
+        canvas, question, answer, qtype = S.make_scene(i, seed=2)
+        shapes, by_color = canvas.shapes, {s.color: s for s in canvas.shapes}
+        assert all(s.r <= c <= 1 - s.r for s in shapes for c in (s.cx, s.cy))
+        assert bool(canvas.words) == (qtype == "text")
+        if qtype in ("color", "shape"):
+            (shape,) = shapes
+            assert answer == (shape.color if qtype == "color" else shape.kind)
+        elif qtype == "count":
+            assert len(shapes) == int(answer) and len({s.kind for s in shapes}) == 1
+        elif qtype == "position":
+            a, b = (by_color[c] for c in named_colors(question))  # the first-named shape, then the other
+            vertical = "above or below" in question
+            assert len(shapes) == 2 and answer in (("above", "below") if vertical else ("left", "right"))
+            first, second = (a, b) if answer in ("left", "above") else (b, a)  # first: the left (top) one
+            assert span(first, vertical)[1] < span(second, vertical)[0]
+        elif qtype == "size":
+            a, b = (by_color[c] for c in named_colors(question))
+            big, small = (a, b) if answer == a.color else (b, a)
+            assert len(shapes) == 2 and answer in (a.color, b.color)
+            assert big.kind == small.kind and big.r > 1.5 * small.r
+        elif qtype == "text":
+            ((word, _, (x0, y0, x1, y1)),) = canvas.words
+            assert answer == word.lower() and not shapes and 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1
+        else:
+            ordered = sorted(shapes, key=lambda s: s.cx)
+            assert all(span(p, False)[1] < span(q, False)[0] for p, q in zip(ordered, ordered[1:]))  # side by side
+            things = " and ".join(f"{article[s.color]} {s.color} {s.kind}" for s in ordered)  # left to right
+            background = f"{article[canvas.bg_name]} {canvas.bg_name} background"
+            assert answer == f"{things[0].upper()}{things[1:]} on {background}."
+
+
+def test_rendered_pixels_agree_with_the_scene_and_the_answers():
+    """On rendered 64 px images: each shape's pixels are centred where the scene says, and the answer
+    agrees with the pixels (dominant colour, which colour is left/above, which has more pixels)."""
+    for i in range(7 * 10):
+        canvas, question, answer, qtype = S.make_scene(i, seed=3)
+        px = np.asarray(canvas.finish(), dtype=float)
+        n = len(px)
+        assert np.abs(px[0, 0] - S.BACKGROUNDS[canvas.bg_name]).max() <= 5  # a corner shows the background
+        mask = {c: np.linalg.norm(px - rgb, axis=-1) < 40 for c, rgb in S.COLORS.items()}
+        centre = {c: np.argwhere(m)[:, ::-1].mean(0) + 0.5 for c, m in mask.items() if m.any()}  # (x, y) in pixels
+        if qtype != "count":  # where a colour can be drawn more than once
+            for s in canvas.shapes:
+                assert np.allclose(centre[s.color], (s.cx * n, s.cy * n), atol=1), (i, s)
+        if qtype == "color":
+            assert max(mask, key=lambda c: mask[c].sum()) == answer
+        elif qtype == "position":
+            a, b = named_colors(question)
+            axis = 1 if answer in ("above", "below") else 0
+            assert (centre[a][axis] < centre[b][axis]) == (answer in ("left", "above"))
+        elif qtype == "size":
+            (other,) = set(named_colors(question)) - {answer}
+            assert mask[answer].sum() > 2 * mask[other].sum()
+        elif qtype == "text":
+            ((_, fill, box),) = canvas.words
+            ink = np.argwhere(np.linalg.norm(px - fill, axis=-1) < 40)[:, ::-1]  # (x, y) of the word's pixels
+            assert len(ink) > 20 and (ink >= np.array(box[:2]) * n).all() and (ink + 1 <= np.array(box[2:]) * n).all()
+        elif qtype == "caption":
+            assert sorted(named_colors(answer), key=lambda c: centre[c][0]) == named_colors(answer)
+
+
 @pytest.fixture(scope="module")
 def synth(tmp_path_factory):
     out = tmp_path_factory.mktemp("synth")
@@ -128,6 +242,44 @@ def test_synthetic_failure_keeps_old_file(tmp_path, monkeypatch):
     assert not list(tmp_path.rglob("*tmp*"))
 
 
+def rebuild(out, workers):
+    """A seed-1 rebuild over `out` that runs for seconds, in a subprocess stopped once it has drawn 50 images."""
+    t = time.time()
+    proc = start("synthetic", "--out_dir", out, "--seed", 1, "--train", 20000, "--val", 0, "--test", 0,
+                 "--image_size", 32, "--workers", workers)
+    wait_for(lambda: pngs_since(out.parent, t) > 50, proc)
+    return proc
+
+
+def test_killed_rebuild_keeps_the_old_set_whole(tmp_path):
+    """kill -9 in the middle of a rebuild: no old record points at a new image, and the next build
+    removes what the killed one left."""
+    out = tmp_path / "s"
+    S.build_synthetic(out, n_train=200, n_val=0, n_test=0, seed=0, image_size=32, workers=1)
+    before = tree_digest(out)
+    proc = rebuild(out, workers=1)
+    proc.kill()
+    proc.communicate()
+    assert tree_digest(out) == before
+    for i, r in enumerate(D.load_records(out / "train.jsonl")):
+        image, _, answer, _ = S.make_sample(i, seed=0, image_size=32)
+        assert r["messages"][1]["content"] == answer and Image.open(r["images"][0]).tobytes() == image.tobytes()
+    assert (tmp_path / ".s-tmp").is_dir()
+    (out / ".tmp-x1y2").write_text("half a file")  # as a killed atomic write leaves it
+    S.build_synthetic(out, n_train=3, n_val=0, n_test=0, seed=1, image_size=32, workers=1)
+    assert os.listdir(tmp_path) == ["s"] and not list(out.rglob("*tmp*"))
+
+
+def test_ctrl_c_during_a_synthetic_build(tmp_path):
+    out = tmp_path / "s"
+    S.build_synthetic(out, n_train=20, n_val=0, n_test=0, seed=0, image_size=32, workers=1)
+    before = tree_digest(out)
+    proc = rebuild(out, workers=2)
+    os.killpg(proc.pid, signal.SIGINT)  # the whole process group, as a terminal's Ctrl-C: the workers too
+    assert_interrupted(proc)
+    assert tree_digest(out) == before and os.listdir(tmp_path) == ["s"]
+
+
 # ----------------------------------------------------------------------------- converters
 
 @pytest.fixture
@@ -173,6 +325,17 @@ def test_coco(images, tmp_path, capsys):
     assert records[3]["images"][0].endswith(".jpg")
     assert len(list((out / "images").iterdir())) == 3
     assert digest(records[2]["images"][0]) == digest(images / "b.png")
+
+
+def test_coco_unhashable_image_id(images, tmp_path, capsys):
+    coco = {"images": [{"id": [0], "file_name": "a.png"}, {"id": 1, "file_name": "b.png"},
+                       {"id": {}, "file_name": "c.jpg"}],
+            "annotations": [{"image_id": [0], "caption": "A list id."},
+                            {"image_id": 0, "caption": "Its entry was bad."}, {"image_id": 1, "caption": "Blue."}]}
+    (tmp_path / "captions.json").write_text(json.dumps(coco))
+    pd.convert_coco(tmp_path / "captions.json", images, tmp_path / "out")
+    assert capsys.readouterr().out.strip().endswith("wrote 1 records to " + str(tmp_path / "out" / "train.jsonl") +
+                                                    "; skipped 2 (bad schema: 1, missing image: 1)")
 
 
 def test_llava(images, tmp_path, capsys):
@@ -242,12 +405,63 @@ def test_hf_rows_offline(tmp_path, capsys):
 
 
 def test_hf_datasets_object(tmp_path):
-    datasets = pytest.importorskip("datasets")
+    import datasets
     ds = datasets.Dataset.from_dict({"img": [Image.new("RGB", (8, 8), c) for c in ("red", "green")],
                                      "label": ["red", "green"]})
     pd.convert_hf_rows(ds, tmp_path, image_column="img", text_column="label", total=len(ds))
     records = assert_valid_dataset(tmp_path / "train.jsonl")
     assert [r["messages"][1]["content"] for r in records] == ["red", "green"]
+
+
+def png_bytes(color):
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_hf_corrupt_image_is_one_skipped_record(tmp_path, monkeypatch, capsys):
+    """A dataset image that does not decode skips its record, in both layouts, through datasets.load_dataset
+    on local parquet; a record skipped for its second image leaves no copy of its first."""
+    import datasets
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")
+    red, green, blue = ({"bytes": png_bytes(c), "path": None} for c in ("red", "green", "blue"))
+    bad = {"bytes": b"not an image", "path": None}
+    features = datasets.Features({"image": datasets.Image(), "caption": datasets.Value("string"),
+                                  "images": datasets.List(datasets.Image()),
+                                  "texts": datasets.List({"user": datasets.Value("string"),
+                                                          "assistant": datasets.Value("string")})})
+    texts = [[{"user": "Colour?", "assistant": c}] for c in ("red", "green", "blue")]
+    ds = datasets.Dataset.from_dict({"image": [red, bad, blue], "caption": ["red", "bad", "blue"],
+                                     "images": [[red], [green, bad], [blue]], "texts": texts}, features=features)
+    (tmp_path / "src").mkdir()
+    ds.to_parquet(tmp_path / "src" / "train.parquet")
+    for out, columns in [(tmp_path / "plain", {"image_column": "image", "text_column": "caption"}),
+                         (tmp_path / "cauldron", {})]:
+        pd.convert_hf(str(tmp_path / "src"), out, **columns)
+        assert capsys.readouterr().out.strip().endswith("wrote 2 records to " + str(out / "train.jsonl") +
+                                                        "; skipped 1 (bad image: 1)")
+        records = assert_valid_dataset(out / "train.jsonl")
+        assert [r["messages"][1]["content"] for r in records] == ["red", "blue"]
+        assert [Image.open(r["images"][0]).getpixel((0, 0)) for r in records] == [(255, 0, 0), (0, 0, 255)]
+        assert sorted(os.listdir(out / "images")) == sorted(Path(r["images"][0]).name for r in records)  # no orphan
+        assert all(r["images"][0].endswith(".png") for r in records)
+
+
+def test_hf_image_paths(tmp_path, capsys):
+    """Undecoded dataset images given by path: a local file, or a remote one (as streamed) read with fsspec."""
+    import fsspec
+    memory = fsspec.filesystem("memory")
+    memory.pipe("/picovlm-test/red.png", png_bytes("red"))
+    rows = [{"image": {"bytes": None, "path": "memory://picovlm-test/red.png"}, "caption": "remote"},
+            {"image": {"bytes": None, "path": str(save_png(tmp_path / "blue.png", (0, 0, 255)))}, "caption": "local"},
+            {"image": {"bytes": None, "path": "memory://picovlm-test/gone.png"}, "caption": "missing"}]
+    try:
+        pd.convert_hf_rows(rows, tmp_path / "out")
+    finally:
+        memory.rm("/picovlm-test", recursive=True)
+    assert capsys.readouterr().out.strip().endswith("skipped 1 (missing image: 1)")
+    records = assert_valid_dataset(tmp_path / "out" / "train.jsonl")
+    assert [Image.open(r["images"][0]).getpixel((0, 0)) for r in records] == [(255, 0, 0), (0, 0, 255)]
 
 
 def test_converter_failure_keeps_old_file(images, tmp_path, monkeypatch):
@@ -257,19 +471,37 @@ def test_converter_failure_keeps_old_file(images, tmp_path, monkeypatch):
     out = tmp_path / "out"
     out.mkdir()
     (out / "train.jsonl").write_text("precious\n")
-    real, calls = pd.store_image, []
+    real, calls = pd.read_image, []
 
-    def fail_second(ref, out_dir):
+    def fail_second(ref):
         calls.append(ref)
         if len(calls) == 2:
             raise RuntimeError("disk on fire")
-        return real(ref, out_dir)
+        return real(ref)
 
-    monkeypatch.setattr(pd, "store_image", fail_second)
+    monkeypatch.setattr(pd, "read_image", fail_second)
     with pytest.raises(RuntimeError):
         pd.convert_coco(tmp_path / "captions.json", images, out)
     assert (out / "train.jsonl").read_text() == "precious\n"
     assert not list(out.rglob("*tmp*"))
+
+
+def test_ctrl_c_during_a_conversion(tmp_path):
+    src, out = tmp_path / "src", tmp_path / "out"
+    src.mkdir()
+    out.mkdir()
+    (out / "train.jsonl").write_text("precious\n")
+    noise = np.random.default_rng(0).integers(0, 256, (600, 600, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(src / "0.png")  # slow to decode: the conversion is still running when stopped
+    for i in range(300):
+        if i:
+            os.link(src / "0.png", src / f"{i}.png")
+        (src / f"{i}.txt").write_text("noise")
+    proc = start("folder", "--images", src, "--out_dir", out)
+    wait_for(lambda: pngs_since(out, 0), proc)
+    os.killpg(proc.pid, signal.SIGINT)
+    assert_interrupted(proc)
+    assert (out / "train.jsonl").read_text() == "precious\n" and not list(out.rglob(".tmp-*"))
 
 
 def test_load_records_resolves_paths(tmp_path, monkeypatch):
@@ -300,9 +532,25 @@ def test_cli_bad_inputs(tmp_path):
     assert not (tmp_path / "o" / "train.jsonl").exists()
 
 
-@pytest.mark.skipif(importlib.util.find_spec("datasets") is not None, reason="datasets is installed")
-def test_cli_hf_without_datasets(tmp_path):
-    assert_error_line(cli("hf", "--dataset", "x/y", "--out", tmp_path), "pip install datasets")
+def test_cli_bad_numbers(images, tmp_path, capsys):
+    small = ["--train", 3, "--val", 0, "--test", 0, "--workers", 1]  # what a bad flag after them would build
+    for bad in (["--image_size", 0], ["--image_size", 15], ["--train", -5], ["--val", -1], ["--test", -1],
+                ["--workers", 0], ["--workers", -2]):
+        assert_error_line(main(capsys, "synthetic", "--out_dir", tmp_path / "s", *small, *bad), bad[0])
+    (images / "a.txt").write_text("red")
+    (images / "b.txt").write_text("blue")
+    for limit in (0, -1):
+        assert_error_line(main(capsys, "folder", "--images", images, "--out_dir", tmp_path / "o", "--limit", limit),
+                          "--limit must be at least 1")
+    assert not (tmp_path / "s").exists() and not (tmp_path / "o").exists()
+    assert main(capsys, "folder", "--images", images, "--out_dir", tmp_path / "o", "--limit", 1).returncode == 0
+    assert len(assert_valid_dataset(tmp_path / "o" / "train.jsonl")) == 1
+
+
+def test_cli_hf_without_datasets(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "datasets", None)  # `import datasets` then fails as where it is not installed
+    assert_error_line(main(capsys, "hf", "--dataset", "x/y", "--out_dir", tmp_path / "o"), "pip install datasets")
+    assert not (tmp_path / "o").exists()
 
 
 def test_cli_synthetic_default_subcommand(tmp_path):

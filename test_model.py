@@ -71,6 +71,14 @@ def test_sincos_position_embedding():
     assert "pos_embed" not in vit.state_dict()  # fixed, not learned
     assert vit(torch.randn(1, 3, 32, 32)).shape == (1, 16, 32)
     assert vit(torch.randn(1, 3, 48, 48)).shape == (1, 36, 32)
+    # the values, computed one by one from the formula (MAE / big_vision's 2-D sin-cos, frequencies
+    # 10000^(-k/(D/4))): channels [sin x, cos x, sin y, cos y], patches row by row (y, then x)
+    import math
+    D, H, W = 32, 3, 5
+    want = torch.tensor([[f(c * 10000 ** (-k / (D // 4))) for f, c in ((math.sin, x), (math.cos, x), (math.sin, y),
+                                                                     (math.cos, y)) for k in range(D // 4)]
+                         for y in range(H) for x in range(W)])
+    assert max_diff(M.sincos_2d(H, W, D), want) <= 1e-6
 
 
 def test_pixel_shuffle_matches_smolvlm_connector():
@@ -180,20 +188,23 @@ def test_gguf_answers_capital_of_france(smollm, tokenizer):
 
 
 def test_kv_cache_equals_full_forward(smollm):
-    """Cached and uncached paths run different fp32 kernels (masked vs causal attention, other
-    matmul shapes): over 8 seeds of random ids the logits (up to ~37) differed by 5e-5 to 6e-4,
-    so 1e-3 (~3e-5 relative); a cache bug (wrong slot or position) moves them by > 0.1."""
+    """In float64 the cached and uncached paths agree to rounding (<= 1e-4; a cache bug, a wrong
+    slot or position, moves the logits by > 0.1). In fp32 they run different kernels (masked vs
+    causal attention, other matmul shapes): over 8 seeds the logits (up to ~37) differed by 5e-5 to
+    6e-4, so 1e-3 there."""
+    import copy
     ids = torch.randint(0, 49152, (1, 24), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        full = smollm(ids)
-        smollm.setup_cache(1, 32)
-        mask = torch.zeros(1, 32, dtype=torch.long)
-        mask[:, :24] = 1
-        step_logits = [smollm(ids[:, :10], attention_mask=mask, slots=torch.arange(10))]
-        for t in range(10, 24):  # then one token at a time from the cache
-            step_logits.append(smollm(ids[:, t:t + 1], attention_mask=mask, position_ids=torch.tensor([[t]]),
+    for lm, tolerance in ((copy.deepcopy(smollm).double(), 1e-4), (smollm, 1e-3)):
+        with torch.no_grad():
+            full = lm(ids)
+            lm.setup_cache(1, 32)
+            mask = torch.zeros(1, 32, dtype=torch.long)
+            mask[:, :24] = 1
+            step_logits = [lm(ids[:, :10], attention_mask=mask, slots=torch.arange(10))]
+            for t in range(10, 24):  # then one token at a time from the cache
+                step_logits.append(lm(ids[:, t:t + 1], attention_mask=mask, position_ids=torch.tensor([[t]]),
                                       slots=torch.tensor([t])))
-    assert max_diff(torch.cat(step_logits, 1), full) <= 1e-3
+        assert max_diff(torch.cat(step_logits, 1), full) <= tolerance
 
 
 def test_left_padded_batch_generates_like_single(smollm, tokenizer):
@@ -229,6 +240,10 @@ def test_sampling_filters():
     draws = {int(M.sample(logits, 1.0, top_p=0.5, generator=g)) for _ in range(200)}
     assert draws == {3}  # p(3) = 0.64 alone reaches 0.5
     assert int(M.sample(logits)) == 3
+    for temperature in (0.5, 2.0):  # draws follow softmax(logits / T): 4000 draws, within 0.03 of each p
+        draws = torch.stack([M.sample(logits.expand(4000, 4), temperature, generator=g)])
+        freq = torch.bincount(draws.flatten(), minlength=4).float() / 4000
+        assert (freq - (logits[0] / temperature).softmax(-1)).abs().max() <= 0.03, (temperature, freq)
 
 
 def test_packed_segments_do_not_attend_across():
@@ -486,3 +501,23 @@ def test_non_vlm_checkpoint_is_rejected(tmp_path):
                                  num_key_value_heads=2, vocab_size=64)).save_pretrained(tmp_path)
     with pytest.raises(UserError, match="model_type 'llama' is not a picoVLM, SmolVLM or Idefics3"):
         VLM.from_pretrained(tmp_path)
+
+
+def test_bad_config_values_are_one_line_before_anything_is_built(tmp_path):
+    """config.json that is a list, a zero patch size, absurd sizes (10^7-wide LM: a multi-PB
+    allocation), a value of the wrong type, a SmolVLM config without its parts: a UserError naming
+    the field, raised before any tensor is allocated (well under a second)."""
+    import time
+    tiny_vlm().save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    for bad, match in (([], "expected a JSON object"),
+                       ({**cfg, "vision": {**cfg["vision"], "vit_patch_size": 0}}, "vit_patch_size=0"),
+                       ({**cfg, "lm": {**cfg["lm"], "lm_hidden": 10 ** 7}}, "lm_hidden=10000000"),
+                       ({**cfg, "vision": {**cfg["vision"], "vit_width": "wide"}}, "bad config.json"),
+                       ({**cfg, "image_token_id": 10 ** 6}, "image_token_id"),
+                       ({"model_type": "smolvlm"}, "bad config.json .KeyError: 'vision_config'")):
+        (tmp_path / "config.json").write_text(json.dumps(bad))
+        start = time.perf_counter()
+        with pytest.raises(UserError, match=match):
+            VLM.from_pretrained(tmp_path)
+        assert time.perf_counter() - start < 1.0

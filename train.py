@@ -492,82 +492,76 @@ def train_stage(run, state, model, groups, dataset, val_batches, collate_fn):
     batches = data.MicroBatches(len(dataset), batch_size, accum, run.rank, run.world, cfg.seed, state.samples, weights)
     stream = iter(data.loader(dataset, batches, cfg.num_workers, collate_fn))
     flops_per_token = 6 * sum(p.numel() for n, p in model.named_parameters() if "embed" not in n)
-    bar = None
-    if run.main:
-        from tqdm import tqdm
-        bar = tqdm(total=steps, initial=state.step, desc=state.stage, unit="step", dynamic_ncols=True)
+    from tqdm import tqdm
+    bar = tqdm(total=steps, initial=state.step, desc=state.stage, unit="step", dynamic_ncols=True, disable=not run.main)
     bad_in_a_row, unusable = 0, 0
-    while state.step < steps:
-        t = time.time()
-        for g in opt.param_groups:
-            g["lr"] = g["base_lr"] * lr_factor(state.step, cfg.warmup_steps, decay_steps, cfg.min_lr_ratio)
-        micro = [next(stream) for _ in range(accum)]
-        total = torch.tensor([[float(b["supervised"]), float(b["tokens"]), float(b["skipped"])] for b in micro]).sum(0)
-        total = total.to(device)
-        if run.world > 1:
-            dist.all_reduce(total)
-        n_supervised, tokens, skipped = total.tolist()
-        state.samples, state.skipped = state.samples + batch_size * accum * run.world, state.skipped + int(skipped)
-        if not n_supervised:  # nothing usable in the whole step: not a step; a dataset of such samples is an error
-            unusable += batch_size * accum * run.world
-            if unusable >= len(dataset):
-                raise UserError(f"{cfg.data_dir}: {unusable} samples drawn in a row and none usable (unreadable "
-                                f"images, no answer, or longer than --seq_len {cfg.seq_len})")
-            continue
-        unusable = 0
-        loss_sum, bad = torch.zeros((), device=device), False
-        for k, b in enumerate(micro):
-            with ddp.no_sync() if run.world > 1 and k < accum - 1 else nullcontext():  # all-reduce once a step
-                if b["supervised"]:
-                    with run.autocast:
-                        loss = ddp(**inputs(b, device))[1] * (b["supervised"] / n_supervised)
-                else:  # nothing usable in this micro-batch: a zero loss keeps DDP's all-reduce in step
-                    loss = sum(p.sum() for p in params) * 0.0
-                bad |= not torch.isfinite(loss).item()
-                scaler.scale(loss * run.world).backward()  # DDP averages the processes' gradients: undo that
-            loss_sum += loss.detach()
-        if run.world > 1:
-            dist.all_reduce(loss_sum)
-        bad, stop = run.any(bad, run.stop_requested)
-        record = {"step": state.offset + state.step + 1, "stage": state.stage, "loss": loss_sum.item(),
-                  "lr": opt.param_groups[0]["lr"]}
-        if bad:  # NaN/inf somewhere: every process drops this step's update
-            opt.zero_grad(set_to_none=True)
-            state.bad_steps, bad_in_a_row, record["skipped_step"] = state.bad_steps + 1, bad_in_a_row + 1, True
-            if bad_in_a_row >= cfg.max_bad_steps:
-                raise TrainingError(f"the loss was NaN/inf {bad_in_a_row} steps in a row ({state.stage} step "
-                                    f"{state.step + 1}); lower the learning rates or check the data "
-                                    f"(the last checkpoint is in {cfg.out_dir})")
-        else:
-            bad_in_a_row = 0
-            scaler.unscale_(opt)
-            record["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or float("inf")).item()
-            scaler.step(opt)
-            scaler.update()
-            opt.zero_grad(set_to_none=True)
-        state.step += 1
-        dt = time.time() - t
-        record.update(tokens_per_s=round(tokens / dt), time_s=round(time.time() - run.t0, 2))
-        postfix = {"loss": f"{record['loss']:.3f}", "tok/s": f"{tokens / dt:.0f}"}
-        if run.peak_flops:
-            record["mfu"] = flops_per_token * tokens / run.world / dt / run.peak_flops
-            postfix["mfu"] = f"{record['mfu']:.1%}"
-        if (cfg.eval_interval and state.step % cfg.eval_interval == 0) or state.step == steps or stop:
-            if run.main and (not stop or state.step == steps):
-                record.update(evaluate(model, val_batches, run))
-                postfix["val"] = f"{record['accuracy']:.0%}"
-            save_checkpoint(run, state, model, opt, scaler, record)
-        run.log(record)
-        if bar:
+    with bar:  # closed however the loop ends, so that an error line is not glued to the bar
+        while state.step < steps:
+            t = time.time()
+            for g in opt.param_groups:
+                g["lr"] = g["base_lr"] * lr_factor(state.step, cfg.warmup_steps, decay_steps, cfg.min_lr_ratio)
+            micro = [next(stream) for _ in range(accum)]
+            total = torch.tensor([[float(b["supervised"]), float(b["tokens"]), float(b["skipped"])] for b in micro]).sum(0)
+            total = total.to(device)
+            if run.world > 1:
+                dist.all_reduce(total)
+            n_supervised, tokens, skipped = total.tolist()
+            state.samples, state.skipped = state.samples + batch_size * accum * run.world, state.skipped + int(skipped)
+            if not n_supervised:  # nothing usable in the whole step: not a step; a dataset of such samples is an error
+                unusable += batch_size * accum * run.world
+                if unusable >= len(dataset):
+                    raise UserError(f"{cfg.data_dir}: {unusable} samples drawn in a row and none usable (unreadable "
+                                    f"images, no answer, or longer than --seq_len {cfg.seq_len})")
+                continue
+            unusable = 0
+            loss_sum, bad = torch.zeros((), device=device), False
+            for k, b in enumerate(micro):
+                with ddp.no_sync() if run.world > 1 and k < accum - 1 else nullcontext():  # all-reduce once a step
+                    if b["supervised"]:
+                        with run.autocast:
+                            loss = ddp(**inputs(b, device))[1] * (b["supervised"] / n_supervised)
+                    else:  # nothing usable in this micro-batch: a zero loss keeps DDP's all-reduce in step
+                        loss = sum(p.sum() for p in params) * 0.0
+                    bad |= not torch.isfinite(loss).item()
+                    scaler.scale(loss * run.world).backward()  # DDP averages the processes' gradients: undo that
+                loss_sum += loss.detach()
+            if run.world > 1:
+                dist.all_reduce(loss_sum)
+            bad, stop = run.any(bad, run.stop_requested)
+            record = {"step": state.offset + state.step + 1, "stage": state.stage, "loss": loss_sum.item(),
+                      "lr": opt.param_groups[0]["lr"]}
+            if bad:  # NaN/inf somewhere: every process drops this step's update
+                opt.zero_grad(set_to_none=True)
+                state.bad_steps, bad_in_a_row, record["skipped_step"] = state.bad_steps + 1, bad_in_a_row + 1, True
+                if bad_in_a_row >= cfg.max_bad_steps:
+                    raise TrainingError(f"the loss was NaN/inf {bad_in_a_row} steps in a row ({state.stage} step "
+                                        f"{state.step + 1}); lower the learning rates or check the data "
+                                        f"(the last checkpoint is in {cfg.out_dir})")
+            else:
+                bad_in_a_row = 0
+                scaler.unscale_(opt)
+                record["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or float("inf")).item()
+                scaler.step(opt)
+                scaler.update()
+                opt.zero_grad(set_to_none=True)
+            state.step += 1
+            dt = time.time() - t
+            record.update(tokens_per_s=round(tokens / dt), time_s=round(time.time() - run.t0, 2))
+            postfix = {"loss": f"{record['loss']:.3f}", "tok/s": f"{tokens / dt:.0f}"}
+            if run.peak_flops:
+                record["mfu"] = flops_per_token * tokens / run.world / dt / run.peak_flops
+                postfix["mfu"] = f"{record['mfu']:.1%}"
+            if (cfg.eval_interval and state.step % cfg.eval_interval == 0) or state.step == steps or stop:
+                if run.main and (not stop or state.step == steps):
+                    record.update(evaluate(model, val_batches, run))
+                    postfix["val"] = f"{record['accuracy']:.0%}"
+                save_checkpoint(run, state, model, opt, scaler, record)
+            run.log(record)
             bar.set_postfix(postfix, refresh=False)
             bar.update(1)
-        if stop:
-            if bar:
-                bar.close()
-            raise Interrupted(f"interrupted: checkpoint saved at {state.stage} step {state.step} in {cfg.out_dir}/ "
-                              f"(continue with --resume)")
-    if bar:
-        bar.close()
+            if stop:
+                raise Interrupted(f"interrupted: checkpoint saved at {state.stage} step {state.step} in {cfg.out_dir}/ "
+                                  f"(continue with --resume)")
 
 
 def train(cfg, resume):
