@@ -5,6 +5,7 @@ import sys
 
 import pytest
 import torch
+from PIL import Image
 
 import checkpoint
 import model as M
@@ -72,3 +73,29 @@ def data(tmp_path_factory):
     path = tmp_path_factory.mktemp("data")
     build_synthetic(path, n_train=96, n_val=14, n_test=14, workers=1, image_size=32)
     return str(path)
+
+
+def reference_processor(kind, tokenizer, tile, splitting):
+    """transformers' SmolVLM/Idefics3 processor (PIL image backend) on the offline tokenizer.
+    Its constructor insists on a video processor class, which needs torchvision (not installable
+    beside CPU torch here); images never touch it, so the class check is skipped."""
+    from transformers.processing_utils import ProcessorMixin
+    if kind == "smolvlm":
+        from transformers import SmolVLMProcessor as P
+        from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil as IP
+    else:
+        from transformers import Idefics3Processor as P
+        from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil as IP
+    ip = IP(do_image_splitting=splitting, max_image_size={"longest_edge": tile}, size={"longest_edge": 4 * tile})
+    check = ProcessorMixin.check_argument_for_proper_class
+    ProcessorMixin.check_argument_for_proper_class = lambda *a: None
+    try:
+        extra = {"video_processor": None} if kind == "smolvlm" else {}
+        return P(image_processor=ip, tokenizer=tokenizer, image_seq_len=4, **extra), ip
+    finally:
+        ProcessorMixin.check_argument_for_proper_class = check
+
+
+def random_image(w, h, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return Image.fromarray(torch.randint(0, 256, (h, w, 3), generator=g, dtype=torch.uint8).numpy())

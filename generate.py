@@ -6,7 +6,8 @@
 
 Bad input (a missing or corrupt image, a prompt longer than the context, a directory that is not
 a checkpoint) is one line on stderr and exit status 2. In a batch the bad images are reported and
-skipped, the others still captioned (exit status 2 all the same).
+skipped, the others still captioned (exit status 2 all the same). --output gets each image's line
+as soon as it is answered, so a run stopped by Ctrl-C (exit status 130) leaves whole lines.
 """
 import glob
 import json
@@ -24,7 +25,6 @@ import checkpoint  # noqa: E402
 import model as M  # noqa: E402
 from checkpoint import UserError  # noqa: E402
 from inference import compile_generation, decode_layout, matvec_linears, quantize_int8  # noqa: E402
-from processor import load_image  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -87,6 +87,7 @@ def expand_images(specs):
 def load_model(args, device, dtype):
     try:
         vlm, proc = M.VLM.from_pretrained(args.model), M.Processor.from_pretrained(args.model)
+        proc.check_model(vlm.cfg)
     except (OSError, ValueError, KeyError, TypeError) as e:  # CheckpointError is a ValueError
         msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise UserError(msg if msg.startswith(args.model) else f"{args.model}: cannot load ({msg})") from None
@@ -103,13 +104,16 @@ def load_model(args, device, dtype):
 
 def unfinished_training(model_dir):
     """A warning line if model_dir holds a train.py run that stopped before its VLM stage ended
-    (Ctrl-C, a crash): such weights answer badly, and `--resume` would finish them. Else None."""
+    (Ctrl-C, SIGTERM, a crash): such weights answer badly, and `--resume` would finish them. Else None."""
     try:
         meta, _ = checkpoint.read_state(model_dir, tensors=False) or (None, None)
-        if meta is None:
-            return None
+        if meta is None:  # no state: not a train.py run, or (with a log) one killed before its first checkpoint
+            if not os.path.exists(os.path.join(model_dir, "log.jsonl")):
+                return None
+            return (f"warning: {model_dir} is from a training run that stopped before its first checkpoint; "
+                    "its answers may be poor")
         stage, step, total = meta["state"]["stage"], meta["state"]["step"], meta["config"]["max_steps"]
-    except (UserError, KeyError, TypeError):  # no readable training state: nothing to warn about
+    except (UserError, KeyError, TypeError):  # an unreadable training state: nothing to go by
         return None
     if stage in ("vlm", "done") and step >= total:
         return None
@@ -118,17 +122,41 @@ def unfinished_training(model_dir):
             f"(finish it: python train.py --out_dir {model_dir} --resume)")
 
 
-def load_images(paths, report):
-    """-> (good paths, RGB images); each bad image is reported (one line) and skipped."""
+def load_images(proc, paths, report):
+    """-> (good paths, RGB images at the processor's first size); each bad image is reported (one
+    line) and skipped."""
     from PIL import Image
     good, images = [], []
     for path in paths:
         try:
-            images.append(load_image(path))
+            images.append(proc.load_image(path))
             good.append(path)
         except (UserError, ValueError, Image.DecompressionBombError) as e:  # ValueError: a mode PIL cannot convert
             report(path, str(e) if isinstance(e, UserError) else f"{path}: unusable image ({e})")
     return good, images
+
+
+class JsonLines:
+    """--output: one JSON line per image, each written through at once (the file has no buffer), so
+    that an interrupted run leaves whole lines and a full disk fails at the line that did not fit."""
+
+    def __init__(self, path):
+        self.path = path
+        try:
+            self.file = open(path, "wb", buffering=0)
+        except OSError as e:
+            raise UserError(f"--output {path}: cannot write ({e.strerror})") from None
+
+    def write(self, record):
+        line = (json.dumps(record) + "\n").encode()
+        try:
+            while line:  # an unbuffered write may take only part of it
+                line = line[self.file.write(line):]
+        except OSError as e:
+            raise UserError(f"--output {self.path}: cannot write ({e.strerror})") from None
+
+    def close(self):
+        self.file.close()
 
 
 class Streamer:
@@ -203,7 +231,10 @@ def run(args):
     if os.path.isdir(args.model) and (warning := unfinished_training(args.model)):
         print(warning, file=sys.stderr)
     tok, n, context = proc.tokenizer, args.num_samples, vlm.cfg.lm.lm_max_positions
-    text = proc.chat_prompt(args.prompt, 1)
+    try:
+        text = proc.chat_prompt(args.prompt, 1)
+    except UserError as e:  # image tokens, or bytes that were not UTF-8
+        raise UserError(f"--prompt: {e}") from None
     if len(tok.encode(text, add_special_tokens=False)) + proc.tokens_per_image + args.max_new_tokens > context:
         raise UserError(f"--prompt is too long: with an image and --max_new_tokens {args.max_new_tokens} "
                                 f"it exceeds the model's context of {context} tokens")
@@ -211,43 +242,35 @@ def run(args):
     generator = torch.Generator(device).manual_seed(args.seed)
     fns = compile_generation(device) if args.compile else (None, None)
     stream = len(paths) == 1 and n == 1 and not many and not args.no_stream
-    try:
-        output = open(args.output, "w") if args.output else None
-    except OSError as e:
-        raise UserError(f"--output {args.output}: cannot write ({e.strerror})") from None
-    bar = None
-    if many:
-        from tqdm import tqdm
-        bar = tqdm(total=len(paths), unit="image", file=sys.stderr)
-    say = bar.write if bar else print
+    from tqdm import tqdm
+    output = JsonLines(args.output) if args.output else None
     failed = []
 
     def report(path, message):
         failed.append(path)
         print(message, file=sys.stderr)
         if output:
-            output.write(json.dumps({"image": path, "error": message}) + "\n")
+            output.write({"image": path, "error": message})
 
     clock = None
-    for start in range(0, len(paths), args.batch_size):
-        batch, images = load_images(paths[start:start + args.batch_size], report)
-        if batch:
-            compile_now = args.compile and clock is None
-            clock = Clock(device, len(batch) * n, Streamer(tok) if stream else None)
-            answers = answer(vlm, proc, text, [image for image in images for _ in range(n)], args, name=batch[0],
-                             generator=generator, fns=fns, clock=clock, compile_now=compile_now)
-            for i, path in enumerate(batch):
-                mine = answers[i * n:(i + 1) * n]
-                if stream:
-                    print()
-                else:
-                    say("\n".join(f"{path}{f' #{k + 1}' if n > 1 else ''}: {a}" for k, a in enumerate(mine)))
-                if output:
-                    output.write(json.dumps({"image": path, "answer": mine[0] if n == 1 else mine}) + "\n")
-        if bar:
+    # a progress bar for a folder's worth; `with` closes it before an interruption is reported
+    with tqdm(total=len(paths), unit="image", file=sys.stderr, disable=not many) as bar:
+        for start in range(0, len(paths), args.batch_size):
+            batch, images = load_images(proc, paths[start:start + args.batch_size], report)
+            if batch:
+                compile_now = args.compile and clock is None
+                clock = Clock(device, len(batch) * n, Streamer(tok) if stream else None)
+                answers = answer(vlm, proc, text, [image for image in images for _ in range(n)], args, name=batch[0],
+                                 generator=generator, fns=fns, clock=clock, compile_now=compile_now)
+                for i, path in enumerate(batch):
+                    mine = answers[i * n:(i + 1) * n]
+                    if stream:
+                        print()
+                    else:
+                        tqdm.write("\n".join(f"{path}{f' #{k + 1}' if n > 1 else ''}: {a}" for k, a in enumerate(mine)))
+                    if output:
+                        output.write({"image": path, "answer": mine[0] if n == 1 else mine})
             bar.update(len(paths[start:start + args.batch_size]))
-    if bar:
-        bar.close()
     if output:
         output.close()
     if args.verbose and clock:

@@ -6,15 +6,22 @@ import copy
 import dataclasses
 import json
 import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
 from PIL import Image
 
+import checkpoint
 import generate
 import inference
 import model as M
-from conftest import script
+from conftest import ENV, HERE, script
+from test_processor import add_remote_code
 
 COLOURS = ["red", "green", "blue"]
 
@@ -23,12 +30,10 @@ COLOURS = ["red", "green", "blue"]
 def ckpt(tmp_path_factory, tokenizer):
     """A picoVLM checkpoint (with processor) that names the colour of the image."""
     proc = M.Processor(tokenizer, 32, 4)
-    cfg = M.VLMConfig(vision=M.VISION_PRESETS["tiny"], lm=dataclasses.replace(M.LM_PRESETS["tiny"], lm_max_positions=128),
-                      image_token_id=proc.image_token_id)
+    lm = dataclasses.replace(M.LM_PRESETS["tiny"], lm_vocab=len(tokenizer), lm_max_positions=128)
+    cfg = M.VLMConfig(vision=M.VISION_PRESETS["tiny"], lm=lm, image_token_id=proc.image_token_id)
     torch.manual_seed(0)
     vlm = M.VLM(cfg)
-    vlm.lm.resize_vocab(len(tokenizer))
-    vlm.cfg = dataclasses.replace(cfg, lm=vlm.lm.cfg)  # save the grown vocab
     samples = [proc.encode_chat([{"role": "user", "content": "Describe the image."}, {"role": "assistant", "content": c}],
                                 [Image.new("RGB", (40, 30), c)]) for c in COLOURS]
     T = max(len(ids) for ids, _, _ in samples)
@@ -61,8 +66,8 @@ def images(tmp_path_factory):
     return {f.stem: str(f) for f in d.iterdir()} | {"missing": str(d / "missing.png"), "dir": str(d)}
 
 
-def cli(*args):
-    return script("generate.py", *args)
+def cli(*args, **kw):
+    return script("generate.py", *args, **kw)
 
 
 # ----------------------------------------------------------------------------- generate.py
@@ -174,6 +179,93 @@ def test_bad_input_is_one_line_and_exit_2(ckpt, images, tmp_path, capsys, case):
     assert code == 2 and len(err) == 1, err
     assert {"not_a_checkpoint": "not a picoVLM", "no_dir": "nowhere", "prompt_too_long": "--prompt is too long",
             "no_glob_match": "no images found", "bad_flag": "--top_p"}[case] in err[0]
+
+
+def test_checkpoint_code_never_runs(ckpt, images, tmp_path):
+    """The issue's repro: a tokenizer_config.json whose auto_map points at evil.py beside it, and
+    'y' on stdin. transformers (trust_remote_code=False) does not ask, and without the code the
+    class does not exist: one error line, and evil.py never ran."""
+    evil = tmp_path / "evil"
+    shutil.copytree(ckpt, evil)
+    add_remote_code(evil, "EvilTokenizer")
+    r = cli("--model", evil, "--image", images["red"], input="y\n")
+    assert r.returncode == 2 and not (evil / "RAN").exists()
+    assert r.stdout == "" and r.stderr.startswith("error: ") and len(r.stderr.splitlines()) == 1, r.stderr
+
+
+@pytest.mark.parametrize("prompt", ["<image>What colour?", "Row <row_1_col_2>?", "caf\udce9"])
+def test_prompt_with_image_tokens_or_bad_bytes_is_one_line(ckpt, images, capsys, prompt):
+    """The last prompt holds the byte 0xE9, not UTF-8, as Python hands it over from argv (surrogateescape)."""
+    assert generate.main(["--model", ckpt, "--image", images["red"], "--prompt", prompt]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --prompt:"), err
+
+
+def test_processor_that_does_not_fit_the_model_is_one_line(ckpt, images, tmp_path, capsys):
+    bad = tmp_path / "bad"
+    shutil.copytree(ckpt, bad)
+    settings = json.loads((bad / "processor.json").read_text())
+    (bad / "processor.json").write_text(json.dumps({**settings, "tokens_per_image": 5}))
+    assert generate.main(["--model", str(bad), "--image", images["red"]]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "tokens_per_image is 5 but the model's is 4" in err[0], err
+
+
+def test_output_that_cannot_be_written_is_one_line(ckpt, images, capsys):
+    assert generate.main(["--model", ckpt, "--image", images["red"], "--output", "/dev/full"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: --output /dev/full: cannot write (No space left on device)"]
+
+
+def test_ctrl_c_exits_130_and_leaves_whole_lines(ckpt, tmp_path):
+    """SIGINT once the first answer is in --output: exit status 130, no traceback, the message last,
+    and --output holds whole JSON lines, during the run (each written through) and after."""
+    folder = tmp_path / "many"
+    folder.mkdir()
+    for i in range(300):
+        Image.new("RGB", (40, 30), COLOURS[i % 3]).save(folder / f"{i:03d}.png")
+    out, err = tmp_path / "out.jsonl", tmp_path / "stderr"
+    with open(err, "w") as stderr:
+        p = subprocess.Popen([sys.executable, os.path.join(HERE, "generate.py"), "--model", ckpt, "--image", folder,
+                              "--batch_size", "1", "--greedy", "--output", out], stdout=subprocess.DEVNULL,
+                             stderr=stderr, env=ENV, cwd=HERE)
+        deadline, seen = time.time() + 120, b""
+        while p.poll() is None and time.time() < deadline and b"\n" not in seen:
+            time.sleep(0.01)
+            seen = out.read_bytes() if out.exists() else b""
+        p.send_signal(signal.SIGINT)
+        p.wait(60)
+    # what a reader saw during the run: whole lines, as each was written (a buffer held ~80 of them)
+    assert seen.endswith(b"\n") and seen.count(b"\n") < 30, seen[-200:]
+    assert p.returncode == 130 and "Traceback" not in err.read_text(), err.read_text()[-3000:]
+    assert err.read_text().rstrip().endswith("generate.py: interrupted")
+    lines = out.read_text().splitlines()
+    assert 1 <= len(lines) < 300 and all(json.loads(line)["answer"] in COLOURS for line in lines)
+
+
+def write_state(out_dir, stage, step, max_steps=10):
+    from safetensors.torch import save_file
+    meta = {"state": {"stage": stage, "step": step}, "config": {"max_steps": max_steps}}
+    save_file({"x": torch.zeros(1)}, str(out_dir / checkpoint.STATE_FILE), metadata={"picovlm": json.dumps(meta)})
+
+
+@pytest.mark.parametrize("case", ["stage_1", "vlm_step_3", "no_state_but_a_log", "finished", "not_from_train_py"])
+def test_unfinished_training_is_flagged(ckpt, tmp_path, case):
+    """A train.py out_dir that never finished its VLM stage: stopped in stage 1 (SIGTERM saves a
+    stage-1 state), midway, or killed before its first checkpoint (a log, no state)."""
+    out = tmp_path / "out"
+    shutil.copytree(ckpt, out)
+    if case in ("stage_1", "vlm_step_3", "finished"):
+        write_state(out, *{"stage_1": ("pretrain", 4), "vlm_step_3": ("vlm", 3), "finished": ("vlm", 10)}[case])
+    if case != "not_from_train_py":
+        (out / "log.jsonl").write_text(json.dumps({"step": 1, "stage": "pretrain", "loss": 3.0}) + "\n")
+    warning = generate.unfinished_training(str(out))
+    if case in ("finished", "not_from_train_py"):
+        assert warning is None
+    else:
+        assert warning.startswith(f"warning: {out} is from a training run that stopped "
+                                  + {"stage_1": "before its VLM stage", "vlm_step_3": "at VLM step 3 of 10",
+                                     "no_state_but_a_log": "before its first checkpoint"}[case])
 
 
 # ----------------------------------------------------------------------------- decoding
