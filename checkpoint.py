@@ -197,10 +197,11 @@ def claim_dir(path):
         with os.fdopen(fd, "w") as f:
             f.write(me)
         break
-    for name in os.listdir(path):  # what killed writes left: atomic_open's files, replace_dir's folders
-        if name.startswith(".tmp-") or (name.startswith(".") and name.endswith(("-tmp", "-old"))):
-            target = os.path.join(path, name)
-            shutil.rmtree(target, ignore_errors=True) if os.path.isdir(target) else os.unlink(target)
+    # what killed writes left here and one level down (images/): atomic_open's files, replace_dir's folders
+    for folder in [path] + [e.path for e in os.scandir(path) if e.is_dir() and not e.name.startswith(".")]:
+        for e in os.scandir(folder):
+            if e.name.startswith(".tmp-") or (e.name.startswith(".") and e.name.endswith(("-tmp", "-old"))):
+                shutil.rmtree(e.path, ignore_errors=True) if e.is_dir() else os.unlink(e.path)
     return lock
 
 

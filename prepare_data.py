@@ -21,6 +21,7 @@ import argparse
 import hashlib
 import io
 import json
+import os
 import re
 import sys
 from collections import Counter
@@ -30,7 +31,7 @@ from PIL import Image
 from tqdm import tqdm
 
 import cli
-from checkpoint import UserError, atomic_open, atomic_write
+from checkpoint import UserError, atomic_open, atomic_write, claim_dir
 from synthetic import DESCRIBE, build_synthetic, qa
 
 
@@ -141,6 +142,14 @@ def write_records(out_dir, split, entries, parse, source, total=None, limit=None
     <out_dir>/<split>.jsonl atomically, skipping (and counting) bad records."""
     check_output(split, limit)
     out_dir = Path(out_dir)
+    lock = claim_dir(out_dir)  # one conversion at a time in out_dir; a killed one's temporary files go
+    try:
+        return _write_records(out_dir, split, entries, parse, source, total, limit)
+    finally:
+        os.unlink(lock)
+
+
+def _write_records(out_dir, split, entries, parse, source, total, limit):
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
     summary = Summary(out_dir / f"{split}.jsonl")
     stored = {}  # source path -> stored name: COCO has ~5 captions per image, read each file once

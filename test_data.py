@@ -558,3 +558,17 @@ def test_cli_synthetic_default_subcommand(tmp_path):
     assert result.returncode == 0, result.stderr
     assert f"wrote 7 records to {tmp_path / 'train.jsonl'}" in result.stdout
     assert len(assert_valid_dataset(tmp_path / "train.jsonl")) == 7
+
+
+def test_converter_cleans_what_a_killed_conversion_left_and_refuses_a_busy_dir(images, tmp_path):
+    """A conversion killed mid-write leaves .tmp-* files (jsonl and images): the next one removes them.
+    While a conversion holds out_dir (its lock names a live process) another is refused in one line."""
+    out = tmp_path / "out"
+    (out / "images").mkdir(parents=True)
+    (out / ".tmp-killed").write_text("half a jsonl")
+    (out / "images" / ".tmp-half").write_bytes(b"half a png")
+    pd.convert_folder(images, out)
+    assert not list(out.rglob(".tmp-*")) and not (out / ".lock").exists()
+    (out / ".lock").write_text(f"{os.getpid()} {__import__('socket').gethostname()}")  # a live run holds it
+    with pytest.raises(pd.UserError, match="in use by another run"):
+        pd.convert_folder(images, out)
