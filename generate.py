@@ -24,7 +24,7 @@ import torch  # noqa: E402
 import checkpoint  # noqa: E402
 import model as M  # noqa: E402
 from checkpoint import UserError  # noqa: E402
-from inference import compile_generation, decode_layout, matvec_linears, quantize_int8  # noqa: E402
+from inference import compile_generation, decode_layout, matvec_linears, quantize_int4, quantize_int8  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -45,7 +45,10 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default="auto", choices=["auto", *cli.DTYPES],
                    help="auto: bf16 on GPUs that support it, on CPUs where it is faster, else fp32 (on CPU with "
                         "--compile only the LM's weights take it: the arithmetic stays fp32)")
-    p.add_argument("--int8", action="store_true", help="int8 weight-only language model (per-channel scales)")
+    p.add_argument("--weights", choices=["fp32", "bf16", "int8", "int4"], default=None,
+                   help="the language model's weights (default: --dtype): int8 one scale per output channel, int4 "
+                        "groups of 32 as llama.cpp's Q4_1 with the head in int8; activations stay --dtype")
+    p.add_argument("--int8", action="store_true", help="= --weights int8")
     p.add_argument("--compile", action="store_true", help="compile the decode step (CUDA graphs on GPU) and the "
                                                           "prefill; the first batch pays for the compilation (minutes)")
     p.add_argument("--no_stream", action="store_true", help="print a single answer when done, not token by token")
@@ -60,6 +63,10 @@ def parse_args(argv=None):
             p.error(f"--{flag} {getattr(args, flag)} is out of range")
     if args.greedy:
         args.temperature = 0.0
+    if args.int8:
+        if args.weights not in (None, "int8"):
+            p.error(f"--int8 and --weights {args.weights} contradict each other")
+        args.weights = "int8"
     return args
 
 
@@ -91,14 +98,18 @@ def load_model(args, device, dtype):
     except (OSError, ValueError, KeyError, TypeError) as e:  # CheckpointError is a ValueError
         msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise UserError(msg if msg.startswith(args.model) else f"{args.model}: cannot load ({msg})") from None
-    if args.int8:
-        quantize_int8(vlm.lm)  # from the fp32 weights, before any cast
+    vlm = vlm.to(device)
+    if args.weights in ("int8", "int4"):  # from the fp32 weights, before any cast; int4 is packed for this device
+        (quantize_int8 if args.weights == "int8" else quantize_int4)(vlm.lm)
     matvec = device.type == "cpu" and args.compile  # see MatvecLinear: dtype is then the LM weights' format only
-    vlm = vlm.to(device=device, dtype=None if matvec else dtype).eval()
+    vlm = vlm.to(dtype=None if matvec else dtype).eval()
+    lm_dtype = getattr(torch, cli.DTYPES[args.weights]) if args.weights in ("fp32", "bf16") else dtype
     if matvec:
-        matvec_linears(vlm.lm, dtype)
-    elif device.type == "cpu":
-        decode_layout(vlm.lm)  # fp32 matrix-vector products stream faster transposed
+        matvec_linears(vlm.lm, lm_dtype)
+    else:
+        vlm.lm.to(lm_dtype)
+        if device.type == "cpu":
+            decode_layout(vlm.lm)  # fp32 matrix-vector products stream faster transposed
     return vlm, proc
 
 
@@ -274,7 +285,7 @@ def run(args):
     if output:
         output.close()
     if args.verbose and clock:
-        print(clock.report(str(dtype)[6:] + (" int8" if args.int8 else "")))
+        print(clock.report(str(dtype)[6:] + (f", {args.weights} weights" if args.weights else "")))
     return 2 if failed else 0
 
 

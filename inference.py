@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import decode_step, prefill_step
+from model import LanguageModel, decode_step, prefill_step
 
 
 class Int8Linear(nn.Module):
@@ -21,6 +21,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("weight", torch.round(w / scale[:, None]).to(torch.int8).contiguous())
         self.register_buffer("scale", scale)
         self.scale_bf16 = scale.to(torch.bfloat16)
+        self.bias = linear.bias
 
     def _apply(self, fn, recurse=True):
         # the CPU kernel's scales, converted once: torch.compile cannot lower the kernel on a copy
@@ -35,11 +36,60 @@ class Int8Linear(nn.Module):
             # ATen's CPU kernel converts int8 in registers and never writes a float copy of the
             # weight. Its fast path takes bf16 activations (fp32 ones ran many times slower: docs/experiments.md).
             y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, x.shape[-1]).to(torch.bfloat16),
-                                                   self.weight, self.scale_bf16)
-            return y.view(*x.shape[:-1], -1).to(x.dtype)
-        # elsewhere: a float copy of the weight per call (right, but slower than bf16 weights
-        # unless torch.compile fuses the cast into the matmul)
-        return F.linear(x, self.weight.to(x.dtype)) * self.scale.to(x.dtype)
+                                                   self.weight, self.scale_bf16).view(*x.shape[:-1], -1).to(x.dtype)
+        else:  # a float copy of the weight per call (right, but slower than bf16 weights unless
+            # torch.compile fuses the cast into the matmul)
+            y = F.linear(x, self.weight.to(x.dtype)) * self.scale.to(x.dtype)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+
+class Int4Linear(nn.Module):
+    """Weight-only int4 Linear for inference, in llama.cpp's Q4_1 scheme: each group of 32
+    inputs of an output row has a scale d and an offset m, w = d*q + m with q in 0..15 (rounded to
+    nearest). ATen's kernels read the packed nibbles and convert them in registers, an eighth of
+    fp32's bytes; they take bf16 activations (fp32 ones run ~20x slower on CPU: docs/experiments.md).
+    The packed layout is the device's own (on CPU it even depends on the instruction set), so
+    quantize a model on the device it will run on; moving it afterwards is an error."""
+
+    def __init__(self, linear, group_size=32):
+        super().__init__()
+        w = linear.weight.detach().float()
+        N, K = w.shape
+        g = w.view(N, K // group_size, group_size)
+        low, high = g.amin(-1), g.amax(-1)
+        scale = ((high - low) / 15).clamp(min=1e-12)
+        q = ((g - low[..., None]) / scale[..., None]).round().clamp(0, 15).to(torch.int32).view(N, K)
+        if w.is_cuda:  # two nibbles a byte, then the tensor-core tiles of the CUDA kernel
+            tiles = next(t for t in (8, 4, 2) if K % (16 * t) == 0)
+            packed = torch.ops.aten._convert_weight_to_int4pack((q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8), tiles)
+        else:
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2)
+        self.group_size, self.bias = group_size, linear.bias
+        self.register_buffer("weight", packed)
+        # ATen computes (q - 8) * scale + zero, so zero = m + 8d: [K / group, N, 2] in bf16
+        self.register_buffer("scales_and_zeros", torch.stack([scale, low + 8 * scale], -1)
+                             .transpose(0, 1).contiguous().to(torch.bfloat16))
+
+    def _apply(self, fn, recurse=True):
+        device = self.weight.device
+        super()._apply(fn, recurse)
+        if self.weight.device != device:
+            raise RuntimeError(f"Int4Linear: packed for {device}: quantize on the device the model runs on")
+        self.scales_and_zeros = self.scales_and_zeros.to(torch.bfloat16)  # model.float() must leave them bf16
+        return self
+
+    def forward(self, x):
+        mm = torch.ops.aten._weight_int4pack_mm if x.is_cuda else torch.ops.aten._weight_int4pack_mm_for_cpu
+        y = mm(x.reshape(-1, x.shape[-1]).to(torch.bfloat16), self.weight, self.group_size, self.scales_and_zeros)
+        y = y.view(*x.shape[:-1], -1).to(x.dtype)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+
+def int4_fits(linear, group_size=32):
+    """Whether ATen's int4 kernels take this layer: whole groups of inputs, and whole blocks of
+    outputs (16 on CPU, 8 on CUDA)."""
+    N, K = linear.weight.shape
+    return K % group_size == 0 and N % (8 if linear.weight.is_cuda else 16) == 0
 
 
 def swap_linears(module, make):
@@ -56,6 +106,16 @@ def quantize_int8(module):
     """Every nn.Linear inside `module` becomes an Int8Linear (a tied LM head gets its own int8
     copy; the embedding table it shares stays float: it is only gathered, one row a token)."""
     return swap_linears(module, Int8Linear)
+
+
+def quantize_int4(module, group_size=32):
+    """Every nn.Linear inside `module` whose inputs split into whole groups becomes an Int4Linear
+    (others stay as they are), but a language model's head becomes an Int8Linear: in 4 bits it
+    moved SmolLM2-135M's logits 3.5x more and changed most greedy answers (docs/experiments.md),
+    and llama.cpp's Q4 files keep it at 8 bits too. The embedding table stays float."""
+    for lm in [m for m in module.modules() if isinstance(m, LanguageModel)]:
+        lm.lm_head = Int8Linear(lm.lm_head)
+    return swap_linears(module, lambda lin: Int4Linear(lin, group_size) if int4_fits(lin, group_size) else lin)
 
 
 class MatvecLinear(nn.Module):

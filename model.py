@@ -7,6 +7,7 @@
   5. VLM           - image embeddings written into the text at <image> token positions
   6. generation    - greedy / sampling with per-sequence stop and left padding
   7. loading       - explicit key maps for SigLIP, Llama/SmolLM2, GGUF, SmolVLM/Idefics3; export
+  8. LoRA          - low-rank adapters on frozen linears, saved and loaded in PEFT's format; merging
 
 Images and prompts are made into tensors by processor.py (Processor is re-exported here); file
 formats are read and written by checkpoint.py.
@@ -21,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from checkpoint import (UserError, atomic_save_safetensors, atomic_write, read_config, read_gguf, read_safetensors,
                         resolve_checkpoint)
@@ -88,12 +90,12 @@ class VLMConfig:
     vision: VisionConfig = field(default_factory=VisionConfig)
     lm: LanguageConfig = field(default_factory=LanguageConfig)
     mp_pixel_shuffle: int = 2      # s: s*s neighbouring patches -> one LM token (4x fewer tokens)
-    image_token_id: int = 49190    # set from the tokenizer when the image tokens are added
+    image_token_id: int = -1       # set from the tokenizer when the image tokens are added (-1: none yet)
 
     def __post_init__(self):
         grid = self.vision.vit_image_size // self.vision.vit_patch_size
         validate(self, [("mp_pixel_shuffle", self.mp_pixel_shuffle >= 1 and grid % self.mp_pixel_shuffle == 0),
-                        ("image_token_id", 0 <= self.image_token_id < self.lm.lm_vocab)])
+                        ("image_token_id", -1 <= self.image_token_id < self.lm.lm_vocab)])
 
     @property
     def image_tokens(self):
@@ -166,6 +168,7 @@ class VisionAttention(nn.Module):
         super().__init__()
         self.heads = heads
         self.qkv = nn.Linear(width, 3 * width)   # q, k, v fused into one matmul
+        self.qkv_sizes = [width] * 3             # its output slices (LoRA gives each its own adapter)
         self.proj = nn.Linear(width, width)
 
     def forward(self, x):
@@ -189,6 +192,14 @@ class VisionBlock(nn.Module):
         return x + self.fc2(F.gelu(self.fc1(self.ln2(x)), approximate="tanh"))
 
 
+def run_block(model, block, *args):
+    """block(*args); with model.grad_checkpointing on (training only) its activations are not kept
+    but recomputed in the backward (torch.utils.checkpoint, non-reentrant): memory for compute."""
+    if model.grad_checkpointing and model.training and torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
+    return block(*args)
+
+
 class VisionTransformer(nn.Module):
     """SigLIP image encoder: [N,3,H,W] -> [N, (H/p)*(W/p), D], the post-LayerNorm hidden states."""
 
@@ -203,6 +214,7 @@ class VisionTransformer(nn.Module):
             self.register_buffer("pos_embed", sincos_2d(g, g, cfg.vit_width), persistent=False)
         self.blocks = nn.ModuleList(VisionBlock(cfg) for _ in range(cfg.vit_depth))
         self.post_ln = nn.LayerNorm(cfg.vit_width, eps=cfg.vit_ln_eps)
+        self.grad_checkpointing = False
         # from scratch, initialise as ViT's reference code does (xavier-uniform matrices, zero
         # biases, LeCun-normal patches): PyTorch's defaults learned to read words ~2x slower (README)
         for m in self.modules():
@@ -228,7 +240,7 @@ class VisionTransformer(nn.Module):
         x = self.patch_embed(pixel_values.to(self.patch_embed.weight.dtype))  # [N, D, H/p, W/p]
         x = x.flatten(2).transpose(1, 2) + self.position_embedding(*x.shape[2:])
         for block in self.blocks:
-            x = block(x)
+            x = run_block(self, block, x)
         return self.post_ln(x)
 
     @classmethod
@@ -318,13 +330,13 @@ class LMAttention(nn.Module):
         super().__init__()
         self.heads, self.kv_heads, self.hd = c.lm_heads, c.lm_kv_heads, c.head_dim
         self.qkv = nn.Linear(c.lm_hidden, (c.lm_heads + 2 * c.lm_kv_heads) * c.head_dim, bias=False)
+        self.qkv_sizes = [c.lm_heads * c.head_dim] + [c.lm_kv_heads * c.head_dim] * 2  # q, k, v (GQA)
         self.proj = nn.Linear(c.lm_heads * c.head_dim, c.lm_hidden, bias=False)
         self.cache = None
 
     def forward(self, x, cos, sin, mask, slots):
         B, T, _ = x.shape
-        q, k, v = self.qkv(x).split([self.heads * self.hd, self.kv_heads * self.hd,
-                                     self.kv_heads * self.hd], dim=-1)
+        q, k, v = self.qkv(x).split(self.qkv_sizes, dim=-1)
         q = apply_rope(q.view(B, T, self.heads, self.hd).transpose(1, 2), cos, sin)
         k = apply_rope(k.view(B, T, self.kv_heads, self.hd).transpose(1, 2), cos, sin)
         v = v.view(B, T, self.kv_heads, self.hd).transpose(1, 2)
@@ -381,6 +393,7 @@ class LanguageModel(nn.Module):
         self.blocks = nn.ModuleList(LMBlock(cfg) for _ in range(cfg.lm_layers))
         self.norm = RMSNorm(cfg.lm_hidden, cfg.lm_rms_eps)
         self.lm_head = nn.Linear(cfg.lm_hidden, cfg.lm_vocab, bias=False)
+        self.grad_checkpointing = False
         nn.init.normal_(self.tok_embed.weight, std=0.02)  # N(0, 1) would give huge tied logits
         if cfg.lm_tie_embeddings:
             self.lm_head.weight = self.tok_embed.weight
@@ -406,7 +419,7 @@ class LanguageModel(nn.Module):
                             torch.arange(T, device=x.device)[None])
         cos, sin = rope_cos_sin(position_ids, self.cfg.head_dim, self.cfg.lm_rope_theta, x.dtype)
         for block in self.blocks:
-            x = block(x, cos, sin, mask, slots)
+            x = run_block(self, block, x, cos, sin, mask, slots)
         x = self.norm(x)
         return x if hidden_only else self.lm_head(x)
 
@@ -458,6 +471,7 @@ class VLM(nn.Module):
         self.vision = vision or VisionTransformer(cfg.vision)
         self.projector = projector or Projector(cfg)
         self.lm = lm or LanguageModel(cfg.lm)
+        self.lora = None  # add_lora's settings while the model has adapters
 
     def image_embeds(self, pixel_values):
         """[n_img, 3, S, S] (any leading dims) -> [n_img, tokens, LM width]"""
@@ -494,15 +508,37 @@ class VLM(nn.Module):
     def generate(self, input_ids, pixel_values=None, attention_mask=None, **kw):
         return generate(self.lm, self.embed(input_ids, pixel_values), attention_mask, **kw)
 
-    def save_pretrained(self, path, processor=None, format="picovlm"):
+    def set_grad_checkpointing(self, on=True):
+        """Recompute the ViT's and the LM's blocks in the backward instead of keeping their activations."""
+        self.vision.grad_checkpointing = self.lm.grad_checkpointing = on
+
+    # LoRA (section 8): adapters on frozen weights, saved in PEFT's format
+    def add_lora(self, rank=8, alpha=16, dropout=0.0, targets=("lm",), trainable=()):
+        return add_lora(self, rank, alpha, dropout, targets, trainable)
+
+    def save_lora(self, path, base_model=""):
+        return save_lora(self, path, base_model)
+
+    def load_lora(self, path):
+        return load_lora(self, path)
+
+    def merge_lora(self):
+        return merge_lora(self)
+
+    def save_pretrained(self, path, processor=None, format="picovlm", gguf_type="f32"):
         """Our format (config.json + model.safetensors), or format="smolvlm": what transformers
-        loads as SmolVLMForConditionalGeneration. With a processor, its files too."""
+        loads as SmolVLMForConditionalGeneration, or format="gguf": llama.cpp's two files, the
+        language model (gguf_type f32, f16, bf16, q8_0 or q4_1) and the vision tower + projector
+        (gguf_export.py; -> their paths). With a processor, its files too (gguf: required)."""
         if format == "smolvlm":
             return export_smolvlm(self, path, processor)
+        if format == "gguf":
+            from gguf_export import export_gguf  # the GGUF writer lives beside the model, not in it
+            return export_gguf(self, path, processor, gguf_type)
         if format != "picovlm":
-            raise UserError(f"save_pretrained: unknown format {format!r} (picovlm, smolvlm)")
+            raise UserError(f"save_pretrained: unknown format {format!r} (picovlm, smolvlm, gguf)")
         os.makedirs(path, exist_ok=True)
-        state = {k: v for k, v in self.state_dict().items()
+        state = {k: v for k, v in merged_state_dict(self).items()
                  if not (self.cfg.lm.lm_tie_embeddings and k == "lm.lm_head.weight")}
         atomic_save_safetensors(state, os.path.join(path, "model.safetensors"))
         atomic_write(os.path.join(path, "config.json"), json.dumps(self.cfg.to_dict(), indent=2))
@@ -766,7 +802,7 @@ def export_smolvlm(vlm, path, processor=None):
     the processor is given, as its SmolVLMProcessor)."""
     cfg, v = vlm.cfg, vlm.cfg.vision
     os.makedirs(path, exist_ok=True)
-    state = unmapped(vlm.state_dict(), smolvlm_key_map(cfg), cfg.lm, "lm.")
+    state = unmapped(merged_state_dict(vlm), smolvlm_key_map(cfg), cfg.lm, "lm.")
     config = {
         "model_type": "smolvlm", "architectures": ["SmolVLMForConditionalGeneration"],
         "image_token_id": cfg.image_token_id, "scale_factor": cfg.mp_pixel_shuffle,
@@ -782,3 +818,150 @@ def export_smolvlm(vlm, path, processor=None):
     atomic_write(os.path.join(path, "config.json"), json.dumps(config, indent=2))
     if processor is not None:
         processor.save_pretrained(path, format="smolvlm")
+
+
+# ----------------------------------------------------------------------------- 8. LoRA
+
+class LoRALinear(nn.Module):
+    """A frozen linear layer plus a trainable low-rank update: y = base(x) + B A dropout(x) * alpha/r
+    (LoRA; PEFT's names and initialisation: A Kaiming-uniform, B zero, so a new adapter changes
+    nothing). A fused layer (our q,k,v) gets one (A, B) pair per output slice, as PEFT gives
+    transformers' separate q_proj, k_proj, v_proj. The adapters are fp32 whatever the base's dtype."""
+
+    def __init__(self, base, rank, alpha, dropout=0.0, sizes=None):
+        super().__init__()
+        out_features, in_features = base.weight.shape
+        self.base, self.scaling = base, alpha / rank
+        self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
+        kw = dict(device=base.weight.device, dtype=torch.float32)
+        self.lora_A = nn.ParameterList(nn.Parameter(torch.empty(rank, in_features, **kw))
+                                       for _ in sizes or [out_features])
+        self.lora_B = nn.ParameterList(nn.Parameter(torch.zeros(n, rank, **kw)) for n in sizes or [out_features])
+        for a in self.lora_A:
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+
+    def forward(self, x):
+        h = self.dropout(x)
+        parts = [F.linear(F.linear(h, a), b) for a, b in zip(self.lora_A, self.lora_B)]
+        return self.base(x) + (parts[0] if len(parts) == 1 else torch.cat(parts, -1)) * self.scaling
+
+    @torch.no_grad()
+    def merged_weight(self):
+        w = self.base.weight
+        delta = torch.cat([b @ a for a, b in zip(self.lora_A, self.lora_B)]) * self.scaling
+        return (w.float() + delta).to(w.dtype)
+
+
+LORA_PARTS = ("lm", "vision", "projector")
+# the same linears in transformers' SmolVLM/Idefics3 (PEFT's target_modules: a regex on the full
+# name, since the vision tower has q/k/v_proj too), and the modules that hold a fully trainable part
+PEFT_TARGETS = {"lm": r"model\.text_model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)",
+                "vision": r"model\.vision_model\.encoder\.layers\.\d+\.(self_attn\.(q|k|v|out)_proj|mlp\.fc[12])",
+                "projector": r"model\.connector\.modality_projection\.proj"}
+PEFT_MODULES = {"lm": "text_model", "vision": "vision_model", "projector": "connector"}
+
+
+def lora_modules(model):
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, LoRALinear)]
+
+
+def set_module(model, name, module):
+    parent, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent), attr, module)
+
+
+def add_lora(vlm, rank=8, alpha=16, dropout=0.0, targets=("lm",), trainable=()):
+    """Freeze vlm and wrap each linear layer of the `targets` parts in a LoRALinear: "lm" (every
+    linear of its attention and MLP; not the head, tied to the embedding), "vision" (likewise),
+    "projector". The `trainable` parts (vision, projector) stay fully trainable in fp32, as
+    SmolVLM's recipe trains the connector."""
+    targets, trainable = tuple(targets), tuple(trainable)
+    if vlm.lora is not None:
+        raise UserError("add_lora: the model has adapters already (merge_lora() first)")
+    if not (targets and set(targets) <= set(LORA_PARTS) and set(trainable) <= {"vision", "projector"}
+            and not set(targets) & set(trainable) and rank >= 1 and alpha > 0 and 0 <= dropout < 1):
+        raise UserError(f"add_lora: rank {rank}, alpha {alpha}, dropout {dropout}, targets {targets} (of "
+                        f"{LORA_PARTS}), trainable {trainable} (vision, projector; not targets): out of range")
+    vlm.requires_grad_(False)
+    for part in trainable:
+        getattr(vlm, part).float().requires_grad_(True)
+    for name, m in list(vlm.named_modules()):
+        if isinstance(m, nn.Linear) and name.split(".")[0] in targets and name != "lm.lm_head":
+            parent = vlm.get_submodule(name.rpartition(".")[0])
+            sizes = parent.qkv_sizes if name.endswith(".qkv") else None  # a fused q,k,v: one adapter each
+            set_module(vlm, name, LoRALinear(m, rank, alpha, dropout, sizes))
+    vlm.lora = dict(rank=rank, alpha=alpha, dropout=dropout, targets=targets, trainable=trainable)
+    return vlm
+
+
+def peft_plan(vlm):
+    """Our adapter (and fully trainable) parameters -> PEFT's keys for vlm's transformers twin (the
+    SmolVLM names of smolvlm_key_map), in load_mapped's plan format."""
+    names, plan = smolvlm_key_map(vlm.cfg), {}
+    for name, _ in lora_modules(vlm):
+        for i, src in enumerate(names[name + ".weight"]):  # q, k, v for a fused qkv
+            for ab in ("lora_A", "lora_B"):
+                plan[f"{name}.{ab}.{i}"] = [f"base_model.model.{src.removesuffix('.weight')}.{ab}.weight"]
+    for key, src in names.items():  # PEFT's modules_to_save keep their own names
+        if key.split(".")[0] in vlm.lora["trainable"]:
+            plan[key] = ["base_model.model." + k for k in src]
+    return plan
+
+
+def save_lora(vlm, path, base_model=""):
+    """adapter_config.json + adapter_model.safetensors in PEFT's format for the transformers model
+    that vlm exports to (save_pretrained(format="smolvlm")): PeftModel.from_pretrained(that model,
+    path) computes our logits."""
+    if vlm.lora is None:
+        raise UserError("save_lora: the model has no adapters (add_lora first)")
+    s = vlm.lora
+    config = {"peft_type": "LORA", "r": s["rank"], "lora_alpha": s["alpha"], "lora_dropout": s["dropout"],
+              "target_modules": "|".join(f"({PEFT_TARGETS[p]})" for p in s["targets"]),
+              "modules_to_save": [PEFT_MODULES[p] for p in s["trainable"]] or None, "bias": "none",
+              "task_type": None, "base_model_name_or_path": base_model}
+    os.makedirs(path, exist_ok=True)
+    state = unmapped(vlm.state_dict(), peft_plan(vlm), vlm.cfg.lm, "lm.")
+    atomic_save_safetensors(state, os.path.join(path, "adapter_model.safetensors"))
+    atomic_write(os.path.join(path, "adapter_config.json"), json.dumps(config, indent=2))
+
+
+def load_lora(vlm, path):
+    """Adapters from save_lora or from PEFT (trained on vlm's transformers twin) onto vlm, which
+    must have none: rank, alpha and the adapted and trainable parts are read from the files."""
+    config = read_config(os.path.join(path, "adapter_config.json"))
+    state = read_safetensors(path)
+    unsupported = [k for k in ("use_dora", "use_rslora", "rank_pattern", "alpha_pattern") if config.get(k)]
+    if config.get("peft_type") != "LORA" or unsupported:
+        raise UserError(f"{path}: only plain LoRA adapters load (peft_type {config.get('peft_type')!r}"
+                        f"{', ' + ', '.join(unsupported) if unsupported else ''})")
+
+    def parts(lora):
+        return [p for p in LORA_PARTS if any(k.startswith(f"base_model.model.model.{PEFT_MODULES[p]}.")
+                                             and (".lora_" in k) == lora for k in state)]
+    settings = parse_config(path, lambda: dict(rank=int(config["r"]), alpha=float(config["lora_alpha"]),
+                                               dropout=float(config.get("lora_dropout") or 0.0)))
+    add_lora(vlm, **settings, targets=parts(True), trainable=parts(False))
+    load_mapped(vlm, peft_plan(vlm), state, source=path)
+    return vlm
+
+
+def merge_lora(vlm):
+    """Fold each adapter into its base weight and drop it: a plain model again (generation costs
+    nothing extra), bit-identical to the saved merged model. Other weights are untouched."""
+    for name, m in lora_modules(vlm):
+        m.base.weight.data = m.merged_weight()
+        set_module(vlm, name, m.base)
+    vlm.lora = None
+    return vlm
+
+
+def merged_state_dict(model):
+    """model.state_dict() with each adapter folded into its weight, under the plain model's names:
+    what save_pretrained writes, so a checkpoint never depends on LoRA."""
+    state = model.state_dict()
+    for name, m in lora_modules(model):
+        for key in [k for k in state if k.startswith(name + ".")]:
+            del state[key]
+        state.update({f"{name}.{k}": v for k, v in m.base.state_dict().items()})  # its bias, if any
+        state[f"{name}.weight"] = m.merged_weight()
+    return state

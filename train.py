@@ -13,7 +13,9 @@ pretrain.py), then (2) the VLM: ViT -> projector -> language model, loss on the 
 Every setting is a field of TrainConfig (the ViT's are VisionConfig's vit_* fields); `--config
 NAME` picks a preset and `--field value` overrides one field (booleans: --name, --name true,
 --name false). Bad input is one `error:` line and exit status 2. Writes to --out_dir: the VLM
-(generate.py --model out), best/, the training state, log.jsonl, loss.png and final_eval.json.
+(generate.py --model out), best/, the training state, log.jsonl, loss.png and final_eval.json;
+with --lora_rank the VLM has the adapters merged in, adapter/ holds them (PEFT's format) and
+base/ the model they apply to.
 """
 import argparse
 import dataclasses
@@ -22,6 +24,7 @@ import json
 import math
 import os
 import random
+import shutil
 import signal
 import sys
 import time
@@ -38,7 +41,7 @@ import checkpoint  # noqa: E402
 import data  # noqa: E402
 import model as M  # noqa: E402
 import pretrain  # noqa: E402
-from evaluation import final_evaluation, mean  # noqa: E402
+from evaluation import Benchmarks, final_evaluation, mean  # noqa: E402
 from checkpoint import UserError  # noqa: E402
 
 
@@ -49,9 +52,13 @@ VIT_FIELDS = {f.name: f for f in dataclasses.fields(M.VisionConfig)}
 
 @dataclass(frozen=True)
 class TrainConfig:
-    # -- data: a directory of {train,val,test}.jsonl (prepare_data.py's format)
+    # -- data: a folder of {train,val,test}.jsonl (prepare_data.py's format), a dataset saved with `datasets`,
+    #    parquet/arrow files, a hub id[:subset], or a mixture "SOURCE=WEIGHT,..." (sources.py)
     data_dir: str = "data/synthetic"
-    synthetic: int = 20000          # no train.jsonl in data_dir: build this many synthetic training samples there first (0: error)
+    synthetic: int = 20000          # a data_dir named synthetic* without train.jsonl: build this many synthetic training samples there first (0: error)
+    streaming: bool = False         # read the sources in order as they come (hub datasets larger than the disk); --resume continues where it stopped
+    image_column: str = ""          # image + caption datasets: the image column, where not images, image, img, jpg or png
+    text_column: str = ""           # image + caption datasets: the caption column, where not text, caption, captions, sentences or answer
     system_prompt: str = ""         # system turn of every chat, saved with the processor so answering uses it too ("": an empty turn; SmolLM2's default costs ~20 tokens a sample)
     seq_len: int = 2048             # longest sample in tokens (longer ones are skipped and counted); the row length when packing
     packing: bool = False           # several samples per row; attention stays within a sample and positions restart per sample
@@ -87,11 +94,18 @@ class TrainConfig:
     weight_decay: float = 0.0       # AdamW, matrices only
     grad_clip: float = 1.0          # max global gradient norm (0: off)
     max_bad_steps: int = 10         # stop after this many NaN/inf losses in a row (each such step is skipped)
+    # -- LoRA and memory (the VLM stage)
+    lora_rank: int = 0              # > 0: the --lora_targets parts train rank-r adapters at their lr, not their weights (a preset's lm_train_layers goes)
+    lora_alpha: float = 16.0        # the adapters' output is scaled by lora_alpha / lora_rank
+    lora_dropout: float = 0.0       # dropout on the adapters' input
+    lora_targets: str = "lm"        # comma-separated parts with adapters: lm (its attention and MLP), vision, projector; the others train whole at their lr, or not at 0
+    grad_checkpointing: bool = False  # recompute the ViT and LM blocks in the backward instead of keeping their activations (less memory, ~1/3 more compute)
     # -- evaluation
     eval_interval: int = 200        # steps between evaluations and checkpoints (0: at the end of each stage only)
     eval_samples: int = 350         # validation samples per evaluation
     final_eval: bool = True         # greedy-decode the test split at the end -> final_eval.json
     final_eval_samples: int = 0     # 0: the whole test split
+    eval_benchmarks: str = ""       # at each VLM evaluation also N questions of these benchmarks (evaluation.py), e.g. "mmstar:200,textvqa:200"
     # -- system
     out_dir: str = "out"
     resume: bool = False            # continue the run in out_dir, with its settings (flags given now override them)
@@ -165,7 +179,7 @@ def parse_args(argv):
 
 
 FIXED_ON_RESUME = {"init_from", "vision", "mp_pixel_shuffle", "lm", "tokenizer", "system_prompt", "proxy_width",
-                   "proxy_layers", "lm_train_layers", "seq_len"}
+                   "proxy_layers", "lm_train_layers", "seq_len", "lora_rank", "lora_alpha", "lora_targets"}
 
 
 def make_config(preset, explicit, saved=None):
@@ -182,6 +196,8 @@ def make_config(preset, explicit, saved=None):
             raise UserError(f"--{changed[0]} cannot change on --resume (the saved run has {old.get(changed[0])!r}); "
                             f"start a new run instead (--init_from {base.get('out_dir')} fine-tunes its model)")
     values = {**base, **{k: v for k, v in explicit.items() if k not in VIT_FIELDS}}
+    if values.get("lora_rank") and "lm_train_layers" not in explicit:  # a preset's: adapters go on every LM block
+        values["lm_train_layers"] = 0
     if values.get("vision", "scratch") != base.get("vision", "scratch"):
         vit = {}
     given = {k for k in explicit if k in VIT_FIELDS or k in ("vision", "lm", "tokenizer", "mp_pixel_shuffle")}
@@ -209,7 +225,9 @@ def make_config(preset, explicit, saved=None):
               ("proxy_layers", cfg.proxy_layers >= 1), ("proxy_width", cfg.proxy_width >= 1),
               ("mp_pixel_shuffle", cfg.mp_pixel_shuffle >= 1),
               ("device", cfg.device in ("auto", "cpu", "cuda", "mps")),
-              ("dtype", cfg.dtype in ("auto", *cli.DTYPES))]
+              ("dtype", cfg.dtype in ("auto", *cli.DTYPES)), ("lora_rank", cfg.lora_rank >= 0),
+              ("lora_alpha", cfg.lora_alpha > 0), ("lora_dropout", 0 <= cfg.lora_dropout < 1),
+              ("lora_targets", cfg.lora_targets and set(cfg.lora_targets.split(",")) <= set(M.LORA_PARTS))]
     for name in ("type_weights", "pretrain_type_weights"):
         try:
             data.parse_type_weights(getattr(cfg, name))
@@ -218,14 +236,36 @@ def make_config(preset, explicit, saved=None):
     for name, ok in checks:
         if not ok:
             raise UserError(f"--{name} {getattr(cfg, name)!r} is out of range")
+    if cfg.streaming and cfg.pretrain_steps:
+        raise UserError("--pretrain_steps needs the whole training vocabulary first: not with --streaming (add --pretrain_steps 0)")
+    check_lora(cfg, explicit)
     return cfg
+
+
+def check_lora(cfg, explicit):
+    """LoRA settings that would be ignored or cannot work together: one line each."""
+    if not cfg.lora_rank:
+        ignored = sorted(k for k in ("lora_alpha", "lora_dropout", "lora_targets") if k in explicit)
+        if ignored:
+            raise UserError(f"--{ignored[0]} is ignored without --lora_rank")
+        return
+    targets = cfg.lora_targets.split(",")
+    lrs = {"vision": cfg.lr_vision, "projector": cfg.lr_projector, "lm": cfg.lr_lm}
+    if cfg.lm_train_layers:
+        raise UserError("--lm_train_layers and --lora_rank: choose one (adapters go on every LM block)")
+    for part in targets:
+        if not lrs[part]:
+            raise UserError(f"--lora_targets {part} with --lr_{part} 0: its adapters would not train")
+    if "lm" not in targets and cfg.lr_lm:
+        raise UserError("with --lora_rank the LM trains through adapters (--lora_targets lm) or not at all (--lr_lm 0)")
 
 
 # ----------------------------------------------------------------------------- data
 
 def load_data(cfg, is_main):
-    """train/val/test records, building the synthetic set first when data_dir has none."""
-    if not os.path.exists(os.path.join(cfg.data_dir, "train.jsonl")):
+    """train/val/test records (data.load_data), building the synthetic set first where it is asked
+    for: a folder named synthetic* (the presets' data/synthetic, -tiny, -100k) without train.jsonl."""
+    if data.wants_synthetic(cfg.data_dir):
         if not cfg.synthetic:
             raise UserError(f"{cfg.data_dir}: no train.jsonl (run prepare_data.py, or pass --synthetic N)")
         if is_main:
@@ -235,12 +275,7 @@ def load_data(cfg, is_main):
             build_synthetic(cfg.data_dir, cfg.synthetic, held_out, held_out, seed=0, image_size=64)
         if dist.is_initialized():
             dist.barrier()  # the other processes wait for rank 0's files
-    train = data.load_split(cfg.data_dir, "train")
-    if not train:
-        raise UserError(f"{cfg.data_dir}/train.jsonl: no samples")
-    val = data.load_split(cfg.data_dir, "val") or []
-    test = data.load_split(cfg.data_dir, "test")
-    return train, val, (test, "test") if test else (val, "val")
+    return data.load_data(cfg.data_dir, cfg.streaming, cfg.eval_samples, cfg.image_column, cfg.text_column, cfg.seed)
 
 
 # ----------------------------------------------------------------------------- model
@@ -297,13 +332,17 @@ def param_groups(parts):
 
 
 def vlm_parts(vlm, cfg):
+    """(name, lr, params) of the VLM's parts; a part with LoRA adapters trains those only."""
     lm = list(vlm.lm.parameters())
     if cfg.lm_train_layers:  # the top N blocks and the final norm; the embedding (= the tied head) stays
         for p in lm:
             p.requires_grad_(False)
         lm = [p for b in vlm.lm.blocks[-cfg.lm_train_layers:] for p in b.parameters()] + list(vlm.lm.norm.parameters())
-    return [("vision", cfg.lr_vision, list(vlm.vision.parameters())),
-            ("projector", cfg.lr_projector, list(vlm.projector.parameters())), ("lm", cfg.lr_lm, lm)]
+    parts = [("vision", cfg.lr_vision, list(vlm.vision.parameters())),
+             ("projector", cfg.lr_projector, list(vlm.projector.parameters())), ("lm", cfg.lr_lm, lm)]
+    targets = vlm.lora["targets"] if vlm.lora else ()
+    return [(name, lr, [p for n, p in getattr(vlm, name).named_parameters() if ".lora_" in n] if name in targets
+             else params) for name, lr, params in parts]
 
 
 def lr_factor(step, warmup, total, min_ratio):
@@ -336,7 +375,10 @@ def save_checkpoint(run, state, model, opt, scaler, record):
         return
     cfg = run.cfg
     if state.stage == "vlm":
-        model.save_pretrained(cfg.out_dir)
+        model.save_pretrained(cfg.out_dir)  # with LoRA: the adapters merged in
+        if model.lora:
+            base = "" if cfg.pretrain_steps else cfg.init_from  # the transformers model PEFT would load it onto
+            model.save_lora(os.path.join(cfg.out_dir, "adapter"), base_model=base)
         if record.get("accuracy", -1) > state.best:
             state.best = record["accuracy"]
             checkpoint.replace_dir(os.path.join(cfg.out_dir, "best"),
@@ -446,6 +488,7 @@ class Run:
         self.peak_flops = cli.peak_flops(self.device)
         self.log_path = os.path.join(cfg.out_dir, "log.jsonl")
         self.stop_requested, self.wandb, self.processor = False, None, None
+        self.benchmarks = Benchmarks(cfg.eval_benchmarks) if cfg.eval_benchmarks and self.main else None  # loaded up front
 
     def log(self, record):
         if self.main:
@@ -488,9 +531,8 @@ def train_stage(run, state, model, groups, dataset, val_batches, collate_fn):
     ddp = (torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
            if run.world > 1 else model)
     params = [p for g in groups for p in g["params"]]
-    weights = data.sample_weights(dataset.records, cfg.pretrain_type_weights if pre else cfg.type_weights)
-    batches = data.MicroBatches(len(dataset), batch_size, accum, run.rank, run.world, cfg.seed, state.samples, weights)
-    stream = iter(data.loader(dataset, batches, cfg.num_workers, collate_fn))
+    stream = iter(data.batches(dataset, batch_size, accum, run.rank, run.world, cfg.seed, state.samples,
+                               cfg.pretrain_type_weights if pre else cfg.type_weights, cfg.num_workers, collate_fn))
     flops_per_token = 6 * sum(p.numel() for n, p in model.named_parameters() if "embed" not in n)
     from tqdm import tqdm
     bar = tqdm(total=steps, initial=state.step, desc=state.stage, unit="step", dynamic_ncols=True, disable=not run.main)
@@ -509,7 +551,7 @@ def train_stage(run, state, model, groups, dataset, val_batches, collate_fn):
             state.samples, state.skipped = state.samples + batch_size * accum * run.world, state.skipped + int(skipped)
             if not n_supervised:  # nothing usable in the whole step: not a step; a dataset of such samples is an error
                 unusable += batch_size * accum * run.world
-                if unusable >= len(dataset):
+                if not cfg.streaming and unusable >= len(dataset):  # (a stream's workers check this themselves)
                     raise UserError(f"{cfg.data_dir}: {unusable} samples drawn in a row and none usable (unreadable "
                                     f"images, no answer, or longer than --seq_len {cfg.seq_len})")
                 continue
@@ -554,6 +596,8 @@ def train_stage(run, state, model, groups, dataset, val_batches, collate_fn):
             if (cfg.eval_interval and state.step % cfg.eval_interval == 0) or state.step == steps or stop:
                 if run.main and (not stop or state.step == steps):
                     record.update(evaluate(model, val_batches, run))
+                    if run.benchmarks and not pre:
+                        record.update(run.benchmarks(model, run.processor, device, run.autocast))
                     postfix["val"] = f"{record['accuracy']:.0%}"
                 save_checkpoint(run, state, model, opt, scaler, record)
             run.log(record)
@@ -577,6 +621,8 @@ def train(cfg, resume):
             for name in (checkpoint.STATE_FILE, "log.jsonl", "final_eval.json", "loss.png"):
                 if os.path.exists(os.path.join(cfg.out_dir, name)):
                     os.remove(os.path.join(cfg.out_dir, name))
+            for name in ("adapter", "base"):
+                shutil.rmtree(os.path.join(cfg.out_dir, name), ignore_errors=True)
         if cfg.wandb:
             try:
                 import wandb
@@ -588,18 +634,25 @@ def train(cfg, resume):
 
     train_records, val_records, (test_records, test_split) = load_data(cfg, run.main)
     if resume and state.stage in ("vlm", "done") and os.path.exists(os.path.join(cfg.out_dir, "config.json")):
-        vlm, processor = M.VLM.from_pretrained(cfg.out_dir), M.Processor.from_pretrained(cfg.out_dir)
+        # with LoRA out_dir holds the merged model; the adapters (in the training state) go on base/
+        vlm = M.VLM.from_pretrained(os.path.join(cfg.out_dir, "base") if cfg.lora_rank else cfg.out_dir)
+        processor = M.Processor.from_pretrained(cfg.out_dir)
     else:  # (a run that resumes inside stage 1 rebuilds the VLM it started from: same seed, same weights)
         vlm, processor = build_model(cfg)
     vlm.to(run.device)
+    vlm.set_grad_checkpointing(cfg.grad_checkpointing)
+    processor.check_model(vlm.cfg)  # a checkpoint's processor that does not fit its model: one line, now
     run.processor = processor
-    train_set = data.ChatDataset(train_records, processor, cfg.seq_len, cfg.augment_shift, cfg.seed, cfg.cache_data)
+    if cfg.streaming:
+        train_set = data.ChatStream(train_records, processor, cfg.seq_len, cfg.augment_shift, cfg.seed)
+    else:
+        train_set = data.ChatDataset(train_records, processor, cfg.seq_len, cfg.augment_shift, cfg.seed, cfg.cache_data)
     val_set = data.ChatDataset(val_records[:cfg.eval_samples], processor, cfg.seq_len)
     val_chunks = [list(range(i, min(i + 32, len(val_set)))) for i in range(0, len(val_set), 32)]
     if run.main:
         size = lambda m: sum(p.numel() for p in m.parameters()) / 1e6  # noqa: E731
         print(f"picoVLM: ViT {size(vlm.vision):.2f}M + projector {size(vlm.projector):.2f}M + LM {size(vlm.lm):.1f}M "
-              f"parameters, {vlm.cfg.image_tokens} LM tokens an image; {len(train_set)} training samples; "
+              f"parameters, {vlm.cfg.image_tokens} LM tokens an image; {'streamed' if cfg.streaming else len(train_set)} training samples; "
               f"{run.device} {str(run.dtype).replace('torch.', '')}, {run.world} process(es)")
     compile_blocks = cfg.compile and run.device.type == "cuda"  # on a CPU compiling costs more than it saves
     if compile_blocks:  # block by block: the VLM's gather of the answer positions has data-dependent shapes
@@ -622,6 +675,17 @@ def train(cfg, resume):
     if state.stage == "vlm":
         if state.step == 0 and run.main:  # this stage's frozen weights, and the processor
             vlm.save_pretrained(cfg.out_dir, processor=processor)
+            if cfg.lora_rank:  # what the adapters apply to, kept for --resume (out_dir's model gets them merged)
+                vlm.save_pretrained(os.path.join(cfg.out_dir, "base"), processor=processor)
+        if cfg.lora_rank:
+            targets = cfg.lora_targets.split(",")
+            lrs = {"vision": cfg.lr_vision, "projector": cfg.lr_projector}
+            trainable = [p for p, lr in lrs.items() if lr and p not in targets]  # what PEFT calls modules_to_save
+            vlm.add_lora(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, targets, trainable)
+            if run.main:
+                n = sum(p.numel() for p in vlm.parameters() if p.requires_grad)
+                print(f"LoRA rank {cfg.lora_rank} on {cfg.lora_targets}: {n / 1e6:.2f}M trainable parameters "
+                      f"({n / sum(p.numel() for p in vlm.parameters()):.1%})")
         groups = param_groups(vlm_parts(vlm, cfg))
         if not groups and cfg.max_steps:
             raise UserError("the learning rates of the VLM stage are all 0: nothing to train")
@@ -634,6 +698,8 @@ def train(cfg, resume):
     if os.path.exists(run.log_path) and os.path.getsize(run.log_path):
         plot(run.log_path, os.path.join(cfg.out_dir, "loss.png"))
     wall = state.wall_s + time.time() - run.t0
+    if vlm.lora:  # answering costs nothing extra with the adapters folded in
+        vlm.merge_lora()
     if cfg.final_eval and test_records:
         result = final_evaluation(vlm, processor, test_records[:cfg.final_eval_samples or None], run.device,
                                   run.autocast)
