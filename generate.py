@@ -33,6 +33,8 @@ def parse_args(argv=None):
                    help="an image file, a directory or a glob; repeat for several")
     p.add_argument("--prompt", default="Describe the image.")
     p.add_argument("--model", default="out", help="picoVLM dir (train.py's out/), SmolVLM/Idefics3 dir or hub id")
+    p.add_argument("--adapter", metavar="DIR", help="LoRA adapter merged into --model first: train.py's out/adapter "
+                                                    "(with --model out/base), or PEFT's for --model's SmolVLM twin")
     p.add_argument("--max_new_tokens", type=int, default=64)
     p.add_argument("--greedy", action="store_true", help="always the most likely token (= --temperature 0)")
     p.add_argument("--temperature", type=float, default=0.7)
@@ -95,9 +97,11 @@ def load_model(args, device, dtype):
     try:
         vlm, proc = M.VLM.from_pretrained(args.model), M.Processor.from_pretrained(args.model)
         proc.check_model(vlm.cfg)
-    except (OSError, ValueError, KeyError, TypeError) as e:  # CheckpointError is a ValueError
+    except (OSError, ValueError, KeyError, TypeError) as e:  # UserError is a ValueError
         msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise UserError(msg if msg.startswith(args.model) else f"{args.model}: cannot load ({msg})") from None
+    if args.adapter:  # folded into the weights: decoding costs nothing extra
+        vlm.load_lora(args.adapter).merge_lora()
     vlm = vlm.to(device)
     if args.weights in ("int8", "int4"):  # from the fp32 weights, before any cast; int4 is packed for this device
         (quantize_int8 if args.weights == "int8" else quantize_int4)(vlm.lm)

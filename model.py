@@ -927,7 +927,9 @@ def save_lora(vlm, path, base_model=""):
 
 def load_lora(vlm, path):
     """Adapters from save_lora or from PEFT (trained on vlm's transformers twin) onto vlm, which
-    must have none: rank, alpha and the adapted and trainable parts are read from the files."""
+    must have none: rank, alpha and the adapted and trainable parts are read from the files. A
+    linear of an adapted part that the file leaves out (PEFT's target_modules=["q_proj", "v_proj"])
+    keeps a zero update."""
     config = read_config(os.path.join(path, "adapter_config.json"))
     state = read_safetensors(path)
     unsupported = [k for k in ("use_dora", "use_rslora", "rank_pattern", "alpha_pattern") if config.get(k)]
@@ -940,8 +942,11 @@ def load_lora(vlm, path):
                                              and (".lora_" in k) == lora for k in state)]
     settings = parse_config(path, lambda: dict(rank=int(config["r"]), alpha=float(config["lora_alpha"]),
                                                dropout=float(config.get("lora_dropout") or 0.0)))
+    if not parts(True):
+        raise UserError(f"{path}: no LoRA weights for a SmolVLM/Idefics3 model")
     add_lora(vlm, **settings, targets=parts(True), trainable=parts(False))
-    load_mapped(vlm, peft_plan(vlm), state, source=path)
+    plan = {k: src for k, src in peft_plan(vlm).items() if ".lora_" not in k or src[0] in state}
+    load_mapped(vlm, plan, state, source=path)
     return vlm
 
 

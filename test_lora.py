@@ -145,6 +145,30 @@ def test_peft_loads_our_adapters_and_we_load_peft_s(tmp_path, targets, trainable
     assert "\n" not in str(e.value)
 
 
+def test_peft_s_adapter_on_some_projections_loads(tmp_path):
+    """An adapter made by PEFT itself with the LoRA paper's target_modules=["q_proj", "v_proj"]
+    (which also match the vision tower's) loads into ours: PEFT's logits (<= 1e-4); the other
+    linears keep a zero update."""
+    from peft import LoraConfig, get_peft_model
+    Model = tiny_smolvlm(tmp_path / "hf", tie=True)
+    torch.manual_seed(2)
+    peft = get_peft_model(Model.from_pretrained(tmp_path / "hf"), LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)).eval()
+    peft.save_pretrained(tmp_path / "peft")
+    vlm = M.VLM.from_pretrained(tmp_path / "hf").load_lora(tmp_path / "peft")
+    assert vlm.lora["targets"] == ("lm", "vision") and vlm.lora["trainable"] == ()
+    ids, pixels, _ = batch(vlm, rows=1, length=30)
+    with torch.no_grad():
+        theirs = peft(input_ids=ids, pixel_values=pixels[:, None]).logits
+    assert max_diff(logits(vlm, ids, pixels), theirs) <= 1e-4
+    qkv = vlm.lm.blocks[0].attn.qkv
+    assert qkv.lora_B[1].abs().sum() == 0 and qkv.lora_B[0].abs().sum() > 0  # k: none in the file
+    checkpoint.atomic_save_safetensors({"base_model.model.lm_head.weight": torch.zeros(1)},
+                                       str(tmp_path / "peft" / "adapter_model.safetensors"))
+    with pytest.raises(UserError, match="no LoRA weights"):
+        tiny_vlm().load_lora(tmp_path / "peft")
+
+
 # ----------------------------------------------------------------------------- gradient checkpointing
 
 @pytest.mark.parametrize("amp", [False, True])

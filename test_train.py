@@ -533,7 +533,8 @@ def test_mixed_precision_steps_match_fp32(tmp_path, tokenizer_dir, data):
     # fp16: GradScaler skips a step whose scaled gradients overflow (grad_norm null; at its first
     # scale of 2^16 that can be any early step), after which the runs part: the first loss (before
     # any update) within 2e-3, steps before a skip as bf16's, and every step taken with a gradient
-    # norm within 2x of fp32's (one left scaled by GradScaler would be thousands of times larger)
+    # norm within 100x of fp32's at that step (the runs have parted; a gradient GradScaler left
+    # scaled would be 2^16 times larger)
     fp16 = logs["fp16"]
     assert abs(fp16[0]["loss"] - logs["fp32"][0]["loss"]) <= 2e-3
     pairs = list(zip(logs["fp32"], fp16))
@@ -541,7 +542,7 @@ def test_mixed_precision_steps_match_fp32(tmp_path, tokenizer_dir, data):
     assert all(abs(a["loss"] - b["loss"]) <= 2e-3 and abs(a["grad_norm"] / b["grad_norm"] - 1) <= 0.01
                for a, b in before_skip), fp16
     taken = [(a, b) for a, b in pairs if b["grad_norm"] is not None]
-    assert len(taken) >= 2 and all(0.5 <= a["grad_norm"] / b["grad_norm"] <= 2 for a, b in taken), fp16
+    assert len(taken) >= 2 and all(0.01 <= a["grad_norm"] / b["grad_norm"] <= 100 for a, b in taken), fp16
 
 
 def test_init_from_trains_only_what_is_asked(tmp_path, tokenizer_dir, data):

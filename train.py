@@ -4,6 +4,7 @@
     python train.py --config tiny --max_steps 20      # smoke test: tiny random model, < 1 minute
     python train.py --config nanovlm-222m --data_dir data/coco --vision scratch
     python train.py --init_from out --data_dir data/mine --max_steps 200    # fine-tune a checkpoint
+    python train.py --init_from out --pretrain_steps 0 --lora_rank 8 --grad_checkpointing --out_dir out-lora  # LoRA
     python train.py --resume                          # continue out/ exactly where it stopped
     torchrun --nproc_per_node=2 train.py --config tiny                      # DDP: NCCL on GPUs, gloo on CPU
 
