@@ -1,5 +1,6 @@
 """Shared test fixtures: the offline SmolLM2-135M-Instruct (GGUF) and its tokenizer, transformers'
 reference model, a tiny synthetic dataset and tiny random VLMs. CPU only, no network."""
+import dataclasses
 import os
 import sys
 
@@ -29,7 +30,6 @@ def script(name, *args, timeout=300, **kw):
 
 def tiny_vlm(vocab=300, image_token_id=299, pos="learned"):
     """A random VLM of the tiny preset shapes (model.VISION_PRESETS / LM_PRESETS["tiny"])."""
-    import dataclasses
     cfg = M.VLMConfig(vision=dataclasses.replace(M.VISION_PRESETS["tiny"], vit_pos_embed=pos),
                       lm=dataclasses.replace(M.LM_PRESETS["tiny"], lm_vocab=vocab, lm_max_positions=256),
                       mp_pixel_shuffle=2, image_token_id=image_token_id)
@@ -99,3 +99,31 @@ def reference_processor(kind, tokenizer, tile, splitting):
 def random_image(w, h, seed=0):
     g = torch.Generator().manual_seed(seed)
     return Image.fromarray(torch.randint(0, 256, (h, w, 3), generator=g, dtype=torch.uint8).numpy())
+
+
+COLOURS = ["red", "green", "blue"]
+
+
+@pytest.fixture(scope="session")
+def ckpt(tmp_path_factory, tokenizer):
+    """A picoVLM checkpoint (with processor) that names the colour of the image."""
+    proc = M.Processor(tokenizer, 32, 4)
+    lm = dataclasses.replace(M.LM_PRESETS["tiny"], lm_vocab=len(tokenizer), lm_max_positions=128)
+    cfg = M.VLMConfig(vision=M.VISION_PRESETS["tiny"], lm=lm, image_token_id=proc.image_token_id)
+    torch.manual_seed(0)
+    vlm = M.VLM(cfg)
+    samples = [proc.encode_chat([{"role": "user", "content": "Describe the image."}, {"role": "assistant", "content": c}],
+                                [Image.new("RGB", (40, 30), c)]) for c in COLOURS]
+    T = max(len(ids) for ids, _, _ in samples)
+    ids = torch.stack([torch.cat([i, torch.full((T - len(i),), 2)]) for i, _, _ in samples])
+    labels = torch.stack([torch.cat([lab, torch.full((T - len(lab),), -100)]) for _, lab, _ in samples])
+    pixels = torch.stack([p[0] for _, _, p in samples])
+    opt = torch.optim.AdamW(vlm.parameters(), lr=3e-3)
+    for _ in range(60):
+        loss = vlm(ids, pixels, labels=labels)[1]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    path = tmp_path_factory.mktemp("ckpt")
+    vlm.save_pretrained(path, processor=proc)
+    return str(path)

@@ -13,7 +13,7 @@ from PIL import Image
 import evaluation as E
 import model as M
 from conftest import ENV, script
-from test_generate import COLOURS, ckpt  # noqa: F401 (the fixture: a tiny VLM that names an image's colour)
+from conftest import COLOURS
 
 OPTIONS = "\nOptions: A: red, B: green, C: blue, D: yellow"
 
@@ -177,7 +177,7 @@ def test_bad_inputs_are_one_line(mmstar, tmp_path, capsys):
         assert code == 2 and message in err and err.strip().count("\n") == 0, (args, err)
 
 
-def test_end_to_end_on_a_tiny_checkpoint(ckpt, mmstar, tmp_path):  # noqa: F811
+def test_end_to_end_on_a_tiny_checkpoint(ckpt, mmstar, tmp_path):
     """The script, a model and a local MMStar-schema file: the results JSON and its samples agree."""
     r = script("evaluation.py", "--model", ckpt, "--benchmark", "mmstar", "--data_files", mmstar / "mmstar.parquet",
                "--batch_size", "4", "--output", tmp_path / "r.json", "--samples", tmp_path / "s.jsonl",
@@ -193,7 +193,7 @@ def test_end_to_end_on_a_tiny_checkpoint(ckpt, mmstar, tmp_path):  # noqa: F811
     assert results["score"] == pytest.approx(sum(sum(v) / len(v) for v in by_l2.values()) / len(by_l2))
 
 
-def test_jsonl_split_equals_final_evaluation(ckpt, tmp_path, capsys):  # noqa: F811
+def test_jsonl_split_equals_final_evaluation(ckpt, tmp_path, capsys):
     """--benchmark jsonl scores a split as train.py's final evaluation does; an unreadable image
     is left out and counted in both."""
     (tmp_path / "images").mkdir()
@@ -217,7 +217,7 @@ def test_jsonl_split_equals_final_evaluation(ckpt, tmp_path, capsys):  # noqa: F
     assert 0 < final["accuracy"] < 1
 
 
-def test_in_loop_benchmarks(ckpt, mmstar, monkeypatch):  # noqa: F811
+def test_in_loop_benchmarks(ckpt, mmstar, monkeypatch):
     """train.py --eval_benchmarks: loaded once, a score per benchmark, the model left in training mode."""
     load = E.load_benchmark
     monkeypatch.setattr(E, "load_benchmark", lambda name, limit: load(name, [str(mmstar / "mmstar.parquet")], limit))

@@ -3,7 +3,6 @@
 The CLI runs on a tiny VLM trained here for a few seconds to answer an image's colour ("red",
 "green", "blue"), so a printed answer can be checked against its file."""
 import copy
-import dataclasses
 import json
 import os
 import shutil
@@ -19,36 +18,9 @@ from PIL import Image
 import checkpoint
 import generate
 import inference
-import model as M
-from conftest import ENV, HERE, script
+from conftest import COLOURS, ENV, HERE, script
 from test_processor import add_remote_code
 
-COLOURS = ["red", "green", "blue"]
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory, tokenizer):
-    """A picoVLM checkpoint (with processor) that names the colour of the image."""
-    proc = M.Processor(tokenizer, 32, 4)
-    lm = dataclasses.replace(M.LM_PRESETS["tiny"], lm_vocab=len(tokenizer), lm_max_positions=128)
-    cfg = M.VLMConfig(vision=M.VISION_PRESETS["tiny"], lm=lm, image_token_id=proc.image_token_id)
-    torch.manual_seed(0)
-    vlm = M.VLM(cfg)
-    samples = [proc.encode_chat([{"role": "user", "content": "Describe the image."}, {"role": "assistant", "content": c}],
-                                [Image.new("RGB", (40, 30), c)]) for c in COLOURS]
-    T = max(len(ids) for ids, _, _ in samples)
-    ids = torch.stack([torch.cat([i, torch.full((T - len(i),), 2)]) for i, _, _ in samples])
-    labels = torch.stack([torch.cat([lab, torch.full((T - len(lab),), -100)]) for _, lab, _ in samples])
-    pixels = torch.stack([p[0] for _, _, p in samples])
-    opt = torch.optim.AdamW(vlm.parameters(), lr=3e-3)
-    for _ in range(60):
-        loss = vlm(ids, pixels, labels=labels)[1]
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    path = tmp_path_factory.mktemp("ckpt")
-    vlm.save_pretrained(path, processor=proc)
-    return str(path)
 
 
 @pytest.fixture(scope="module")
