@@ -32,7 +32,7 @@ class Int8Linear(nn.Module):
         return self
 
     def forward(self, x):
-        if x.device.type == "cpu" and self.weight.shape[1] % 8 == 0:  # other K crash the kernel
+        if x.device.type == "cpu" and self.weight.shape[1] % 8 == 0 and not x.requires_grad:  # other K crash the kernel; it has no backward
             # ATen's CPU kernel converts int8 in registers and never writes a float copy of the
             # weight. Its fast path takes bf16 activations (fp32 ones ran many times slower: docs/experiments.md).
             y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, x.shape[-1]).to(torch.bfloat16),

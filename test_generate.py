@@ -278,3 +278,26 @@ def test_bench_smoke_prints_json_last():
                 "bandwidth_limit_tokens_per_s", "decode_best_tokens_per_s", "decode_best_mode", "device"):
         assert key in result
     assert result["greedy_tokens_match"] and result["train_loss_diff"] <= 1e-3
+
+
+def test_adapter_answers_like_the_merged_model(tmp_path, tokenizer, capsys):
+    """--adapter DIR: the adapter folded into --model answers exactly as the saved merged model."""
+    import model as M
+    from conftest import tiny_vlm
+    proc = M.Processor(tokenizer, 32, 4)
+    vlm = tiny_vlm(vocab=len(proc.tokenizer), image_token_id=proc.image_token_id)
+    vlm.save_pretrained(tmp_path / "base", proc)
+    vlm.add_lora(rank=2)
+    with torch.no_grad():
+        for _, m in M.lora_modules(vlm):
+            for b in m.lora_B:
+                b.normal_()
+    vlm.save_lora(tmp_path / "adapter")
+    vlm.save_pretrained(tmp_path / "merged", proc)
+    Image.new("RGB", (32, 32), "red").save(tmp_path / "red.png")
+    common = ["--image", str(tmp_path / "red.png"), "--greedy", "--max_new_tokens", "6", "--device", "cpu"]
+    assert generate.main(["--model", str(tmp_path / "merged"), *common]) == 0
+    merged = capsys.readouterr().out
+    assert generate.main(["--model", str(tmp_path / "base"), "--adapter", str(tmp_path / "adapter"), *common]) == 0
+    assert capsys.readouterr().out == merged and merged.strip()
+    assert generate.main(["--model", str(tmp_path / "base"), "--adapter", str(tmp_path / "base"), *common]) == 2
