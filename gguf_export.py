@@ -32,6 +32,8 @@ def export_gguf(vlm, path, processor, gguf_type="f32", name="picovlm"):
     if processor is None:
         raise UserError("save_pretrained(format='gguf') needs the processor: its tokenizer goes into the GGUF")
     check_type(gguf_type)
+    if unlike := M.smolvlm_unlike(vlm.cfg):
+        raise UserError(f"format gguf: llama.cpp's idefics3 projector type has no {unlike}")
     os.makedirs(path, exist_ok=True)
     state = M.merged_state_dict(vlm)  # LoRA adapters folded in
     lm = {k.removeprefix("lm."): v for k, v in state.items() if k.startswith("lm.")}

@@ -41,10 +41,16 @@ class VisionConfig:
     vit_mlp_dim: int = 3072        # hidden size of each block's MLP
     vit_ln_eps: float = 1e-6
     vit_pos_embed: str = "learned"  # "learned" (SigLIP) or "sincos2d" (fixed, ViT BKMs)
+    vit_stem: str = "patch"        # "patch" (SigLIP's strided conv) or "hmlp" (hierarchical MLP, Touvron et al. 2022)
+    vit_parallel_blocks: bool = False  # pairs of attention / MLP branches side by side at half the depth (ibid.)
 
     def __post_init__(self):
         validate(self, [("vit_patch_size", self.vit_patch_size >= 1), ("vit_heads", self.vit_heads >= 1)])
         validate(self, [("vit_image_size", self.vit_image_size >= self.vit_patch_size),
+                        ("vit_stem", self.vit_stem == "patch" or self.vit_stem == "hmlp" and self.vit_patch_size % 4 == 0
+                         and self.vit_width % 4 == 0),
+                        ("vit_parallel_blocks", self.vit_parallel_blocks in (False, True)
+                         and not (self.vit_parallel_blocks and self.vit_depth % 2)),
                         ("vit_depth", self.vit_depth >= 0), ("vit_width", self.vit_width % self.vit_heads == 0),
                         ("vit_mlp_dim", self.vit_mlp_dim >= 1), ("vit_ln_eps", self.vit_ln_eps > 0),
                         ("vit_pos_embed", self.vit_pos_embed in ("learned", "sincos2d")),
@@ -90,16 +96,21 @@ class VLMConfig:
     vision: VisionConfig = field(default_factory=VisionConfig)
     lm: LanguageConfig = field(default_factory=LanguageConfig)
     mp_pixel_shuffle: int = 2      # s: s*s neighbouring patches -> one LM token (4x fewer tokens)
+    mp_type: str = "pixel_shuffle"  # how each s x s block becomes a token: a PROJECTORS name (section 3)
+    lm_image_attention: str = "causal"  # or "bidirectional": an image's tokens see each other (Gemma 3)
     image_token_id: int = -1       # set from the tokenizer when the image tokens are added (-1: none yet)
 
     def __post_init__(self):
         grid = self.vision.vit_image_size // self.vision.vit_patch_size
         validate(self, [("mp_pixel_shuffle", self.mp_pixel_shuffle >= 1 and grid % self.mp_pixel_shuffle == 0),
+                        ("mp_type", self.mp_type in PROJECTORS),
+                        ("lm_image_attention", self.lm_image_attention in ("causal", "bidirectional")),
                         ("image_token_id", -1 <= self.image_token_id < self.lm.lm_vocab)])
 
     @property
     def image_tokens(self):
-        """LM tokens per image (per tile): 196 patches / 2^2 = 49 for SigLIP-B/16-224."""
+        """LM tokens per image (per tile): 196 patches / 2^2 = 49 for SigLIP-B/16-224; every
+        projector type makes one token of each s x s block (Gemma 3's pooled grid: 64 / 4 = 16)."""
         return self.vision.num_patches // self.mp_pixel_shuffle ** 2
 
     def to_dict(self):
@@ -138,6 +149,9 @@ VISION_PRESETS = {
     "tiny": VisionConfig(vit_image_size=32, vit_patch_size=8, vit_depth=2, vit_width=32, vit_heads=2, vit_mlp_dim=64),
     "siglip-b16-224": VisionConfig(),
     "siglip2-b16-512": VisionConfig(vit_image_size=512),
+    # the shape-optimised ViTs of Alabdulmohsin et al. 2023 (arXiv:2305.13035)
+    "sovit-150m16-224": VisionConfig(vit_image_size=224, vit_patch_size=16, vit_depth=18, vit_width=880, vit_heads=16,
+                                     vit_mlp_dim=2320),
     "siglip-so400m14-384": VisionConfig(vit_image_size=384, vit_patch_size=14, vit_depth=27,
                                         vit_width=1152, vit_heads=16, vit_mlp_dim=4304),
 }
@@ -187,9 +201,44 @@ class VisionBlock(nn.Module):
         self.fc1 = nn.Linear(c.vit_width, c.vit_mlp_dim)
         self.fc2 = nn.Linear(c.vit_mlp_dim, c.vit_width)
 
+    def mlp(self, x):
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
     def forward(self, x):
         x = x + self.attn(self.ln1(x))
-        return x + self.fc2(F.gelu(self.fc1(self.ln2(x)), approximate="tanh"))
+        return x + self.mlp(self.ln2(x))
+
+
+class ParallelVisionBlock(nn.Module):
+    """Two attention branches, then two MLP branches, each pair reading the same input (Touvron et
+    al. 2022, arXiv:2203.09795): half the sequential depth, the same parameters and FLOPs."""
+
+    def __init__(self, c: VisionConfig):
+        super().__init__()
+        self.branches = nn.ModuleList(VisionBlock(c) for _ in range(2))
+
+    def forward(self, x):
+        x = x + sum(b.attn(b.ln1(x)) for b in self.branches)
+        return x + sum(b.mlp(b.ln2(x)) for b in self.branches)
+
+
+class HMLPStem(nn.Module):
+    """Hierarchical MLP patch stem (ibid.): p/4 x p/4 pixel cells -> 2x2 cells -> 2x2 cells, each
+    step a linear map (a convolution whose stride is its kernel) + LayerNorm (+ GELU). It gives the
+    same patch grid as the plain stem and never mixes pixels of two patches (the paper's BatchNorm
+    would mix images of a batch: LayerNorm over channels here)."""
+
+    def __init__(self, patch, width):
+        super().__init__()
+        dims, kernels = (3, width // 4, width // 4, width), (patch // 4, 2, 2)
+        self.convs = nn.ModuleList(nn.Conv2d(dims[i], dims[i + 1], k, stride=k) for i, k in enumerate(kernels))
+        self.norms = nn.ModuleList(nn.LayerNorm(d) for d in dims[1:])
+
+    def forward(self, x):
+        for i, (conv, norm) in enumerate(zip(self.convs, self.norms)):
+            x = norm(conv(x).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+            x = F.gelu(x) if i < 2 else x
+        return x
 
 
 def run_block(model, block, *args):
@@ -206,13 +255,19 @@ class VisionTransformer(nn.Module):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
         self.cfg = cfg
-        self.patch_embed = nn.Conv2d(3, cfg.vit_width, cfg.vit_patch_size, stride=cfg.vit_patch_size)
+        if cfg.vit_stem == "hmlp":
+            self.patch_embed = HMLPStem(cfg.vit_patch_size, cfg.vit_width)
+        else:
+            self.patch_embed = nn.Conv2d(3, cfg.vit_width, cfg.vit_patch_size, stride=cfg.vit_patch_size)
         if cfg.vit_pos_embed == "learned":
             self.pos_embed = nn.Parameter(torch.randn(cfg.num_patches, cfg.vit_width) * 0.02)
         else:
             g = cfg.vit_image_size // cfg.vit_patch_size
             self.register_buffer("pos_embed", sincos_2d(g, g, cfg.vit_width), persistent=False)
-        self.blocks = nn.ModuleList(VisionBlock(cfg) for _ in range(cfg.vit_depth))
+        if cfg.vit_parallel_blocks:
+            self.blocks = nn.ModuleList(ParallelVisionBlock(cfg) for _ in range(cfg.vit_depth // 2))
+        else:
+            self.blocks = nn.ModuleList(VisionBlock(cfg) for _ in range(cfg.vit_depth))
         self.post_ln = nn.LayerNorm(cfg.vit_width, eps=cfg.vit_ln_eps)
         self.grad_checkpointing = False
         # from scratch, initialise as ViT's reference code does (xavier-uniform matrices, zero
@@ -221,8 +276,9 @@ class VisionTransformer(nn.Module):
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
                 nn.init.zeros_(m.bias)
-        nn.init.trunc_normal_(self.patch_embed.weight, std=self.patch_embed.weight[0].numel() ** -0.5)
-        nn.init.zeros_(self.patch_embed.bias)
+            if isinstance(m, nn.Conv2d):
+                nn.init.trunc_normal_(m.weight, std=m.weight[0].numel() ** -0.5)
+                nn.init.zeros_(m.bias)
 
     def position_embedding(self, grid_h, grid_w):
         g = self.cfg.vit_image_size // self.cfg.vit_patch_size
@@ -237,7 +293,7 @@ class VisionTransformer(nn.Module):
         return table.permute(0, 2, 3, 1).reshape(grid_h * grid_w, -1)
 
     def forward(self, pixel_values):
-        x = self.patch_embed(pixel_values.to(self.patch_embed.weight.dtype))  # [N, D, H/p, W/p]
+        x = self.patch_embed(pixel_values.to(self.post_ln.weight.dtype))  # [N, D, H/p, W/p]
         x = x.flatten(2).transpose(1, 2) + self.position_embedding(*x.shape[2:])
         for block in self.blocks:
             x = run_block(self, block, x)
@@ -271,6 +327,8 @@ def pixel_shuffle(x, s):
 
 
 class Projector(nn.Module):
+    """SmolVLM/Idefics3 (mp_type "pixel_shuffle"): pixel shuffle + one linear layer."""
+
     def __init__(self, cfg: VLMConfig):
         super().__init__()
         self.s = cfg.mp_pixel_shuffle
@@ -278,6 +336,83 @@ class Projector(nn.Module):
 
     def forward(self, x):
         return self.proj(pixel_shuffle(x, self.s))
+
+
+class MLPProjector(nn.Module):
+    """LLaVA-1.5 (transformers' LlavaMultiModalProjector): Linear, GELU, Linear; with s > 1 after a
+    pixel shuffle (s = 1: LLaVA's one token per patch)."""
+
+    def __init__(self, cfg: VLMConfig):
+        super().__init__()
+        self.s = cfg.mp_pixel_shuffle
+        self.fc1 = nn.Linear(cfg.vision.vit_width * self.s ** 2, cfg.lm.lm_hidden)
+        self.proj = nn.Linear(cfg.lm.lm_hidden, cfg.lm.lm_hidden)
+
+    def forward(self, x):
+        return self.proj(F.gelu(self.fc1(pixel_shuffle(x, self.s))))
+
+
+class PatchMerger(nn.Module):
+    """Qwen2.5-VL (Qwen2_5_VLPatchMerger): RMSNorm per patch, each s x s block concatenated (our pixel
+    shuffle's order = the 2x2-grouped order of Qwen's processor), Linear, GELU, Linear."""
+
+    def __init__(self, cfg: VLMConfig):
+        super().__init__()
+        self.s, width = cfg.mp_pixel_shuffle, cfg.vision.vit_width * cfg.mp_pixel_shuffle ** 2
+        self.norm = RMSNorm(cfg.vision.vit_width, 1e-6)
+        self.fc1 = nn.Linear(width, width)
+        self.proj = nn.Linear(width, cfg.lm.lm_hidden)
+
+    def forward(self, x):
+        return self.proj(F.gelu(self.fc1(pixel_shuffle(self.norm(x), self.s))))
+
+
+class AvgPoolProjector(nn.Module):
+    """Gemma 3 (Gemma3MultiModalProjector): s x s average pooling of the patch grid (Gemma 3: 64 x 64
+    -> 16 x 16), an RMSNorm that scales by (1 + w), one bias-free matrix."""
+
+    def __init__(self, cfg: VLMConfig):
+        super().__init__()
+        self.s = cfg.mp_pixel_shuffle
+        self.norm_weight = nn.Parameter(torch.zeros(cfg.vision.vit_width))  # 0: the norm starts as x / rms(x)
+        self.eps = cfg.vision.vit_ln_eps
+        self.proj = nn.Linear(cfg.vision.vit_width, cfg.lm.lm_hidden, bias=False)
+
+    def forward(self, x):
+        N, L, D = x.shape
+        g = math.isqrt(L)
+        x = F.avg_pool2d(x.transpose(1, 2).reshape(N, D, g, g), self.s).flatten(2).transpose(1, 2)
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps) * (1.0 + self.norm_weight.float())
+        return self.proj(h.to(x.dtype))
+
+
+class AttentionPoolProjector(nn.Module):
+    """Molmo2 (Molmo2Adapter): each s x s block is pooled by one attention whose query is the block's
+    mean and whose keys/values are its patches, then a SwiGLU MLP as wide as the LM's."""
+
+    def __init__(self, cfg: VLMConfig):
+        super().__init__()
+        self.s, self.heads, d = cfg.mp_pixel_shuffle, cfg.vision.vit_heads, cfg.vision.vit_width
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+        self.gate = nn.Linear(d, cfg.lm.lm_intermediate, bias=False)
+        self.up = nn.Linear(d, cfg.lm.lm_intermediate, bias=False)
+        self.proj = nn.Linear(cfg.lm.lm_intermediate, cfg.lm.lm_hidden, bias=False)
+
+    def forward(self, x):
+        N, L, D = x.shape
+        patches = pixel_shuffle(x, self.s).view(-1, self.s ** 2, D)  # [N * tokens, s*s, D]
+
+        def split(t):  # [n, len, D] -> [n, heads, len, hd]
+            return t.view(t.shape[0], t.shape[1], self.heads, -1).transpose(1, 2)
+        q, k, v = split(self.q(patches.mean(1, keepdim=True))), split(self.k(patches)), split(self.v(patches))
+        y = self.o(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(N, -1, D))
+        return self.proj(F.silu(self.gate(y)) * self.up(y))
+
+
+# mp_type -> class; each makes one LM token of every s x s block of patches (s = mp_pixel_shuffle)
+PROJECTORS = {"pixel_shuffle": Projector, "mlp": MLPProjector, "patch_merger": PatchMerger,
+              "avg_pool": AvgPoolProjector, "attention_pool": AttentionPoolProjector}
 
 
 # ----------------------------------------------------------------------------- 4. language model
@@ -365,14 +500,25 @@ class LMBlock(nn.Module):
         return x + self.down(F.silu(self.gate(h)) * self.up(h))
 
 
-def attention_mask_4d(q_seg, k_seg, q_slot, k_slot):
+def attention_mask_4d(q_seg, k_seg, q_slot, k_slot, q_block=None, k_block=None):
     """Boolean [B,1,Tq,Tk]: a query sees earlier keys of its own segment.
     Segment ids: 0 = padding, 1.. = samples (a plain 0/1 attention mask is one segment), so
     packed samples never attend to each other. Each query also sees itself, so a padding row
-    is never all-masked (which would give NaN)."""
+    is never all-masked (which would give NaN). With image block ids (image_blocks), a query
+    also sees the later keys of its own image block."""
     causal = k_slot[None, None, :] <= q_slot[None, :, None]
+    if q_block is not None:
+        causal = causal | ((q_block[:, :, None] == k_block[:, None, :]) & (q_block[:, :, None] > 0))
     same = (q_seg[:, :, None] == k_seg[:, None, :]) & (k_seg[:, None, :] > 0)
     return ((same & causal) | (k_slot[None, None, :] == q_slot[None, :, None]))[:, None]
+
+
+def image_blocks(is_image):
+    """[B,T] bool -> ids 1, 2, .. of each contiguous run of image tokens, 0 for text: Gemma 3's rule
+    lets the tokens of one run (an image, or a tile of a split image) see each other."""
+    starts = is_image.clone()
+    starts[:, 1:] &= ~is_image[:, :-1]
+    return torch.where(is_image, starts.long().cumsum(1), 0)
 
 
 def positions_from_segments(seg):
@@ -399,21 +545,25 @@ class LanguageModel(nn.Module):
             self.lm_head.weight = self.tok_embed.weight
 
     def forward(self, input_ids=None, inputs_embeds=None, attention_mask=None, position_ids=None,
-                slots=None, hidden_only=False):
+                slots=None, hidden_only=False, image_blocks=None):
         """attention_mask: [B,T] segment ids (0/1 padding mask, or 1,2,.. for packed samples);
-        with a KV cache (`slots` = the cache rows these T tokens fill) it covers the whole cache.
+        with a KV cache (`slots` = the cache rows these T tokens fill) it covers the whole cache,
+        as image_blocks ([B,T] image_blocks() ids: bidirectional attention within each) does.
         hidden_only: return the final normed hidden states instead of logits."""
         x = self.tok_embed(input_ids) if inputs_embeds is None else inputs_embeds
         T = x.shape[1]
+        if image_blocks is not None and attention_mask is None:
+            attention_mask = torch.ones(x.shape[:2], dtype=torch.long, device=x.device)
         mask = None  # plain causal attention: SDPA's fastest path
         if slots is not None:
             k_slot = torch.arange(attention_mask.shape[1], device=x.device)
             q_seg = attention_mask[:, slots]
-            mask = attention_mask_4d(q_seg, attention_mask, slots, k_slot)
+            q_block = None if image_blocks is None else image_blocks[:, slots]
+            mask = attention_mask_4d(q_seg, attention_mask, slots, k_slot, q_block, image_blocks)
         elif attention_mask is not None:
             q_seg = attention_mask
             idx = torch.arange(T, device=x.device)
-            mask = attention_mask_4d(q_seg, q_seg, idx, idx)
+            mask = attention_mask_4d(q_seg, q_seg, idx, idx, image_blocks, image_blocks)
         if position_ids is None:
             position_ids = (positions_from_segments(q_seg) if mask is not None else
                             torch.arange(T, device=x.device)[None])
@@ -469,13 +619,19 @@ class VLM(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.vision = vision or VisionTransformer(cfg.vision)
-        self.projector = projector or Projector(cfg)
+        self.projector = projector or PROJECTORS[cfg.mp_type](cfg)
         self.lm = lm or LanguageModel(cfg.lm)
         self.lora = None  # add_lora's settings while the model has adapters
 
     def image_embeds(self, pixel_values):
         """[n_img, 3, S, S] (any leading dims) -> [n_img, tokens, LM width]"""
         return self.projector(self.vision(pixel_values.flatten(0, -4)))
+
+    def image_blocks(self, input_ids):
+        """lm_image_attention "bidirectional": image_blocks() ids for the LM's mask; else None."""
+        if self.cfg.lm_image_attention == "causal":
+            return None
+        return image_blocks(input_ids == self.cfg.image_token_id)
 
     def embed(self, input_ids, pixel_values=None):
         x = self.lm.tok_embed(input_ids)
@@ -495,10 +651,10 @@ class VLM(nn.Module):
         """Returns (logits, loss). With labels (input_ids with -100 where not supervised; shifted
         here), the LM head runs only at supervised positions and logits is [n_supervised, V]:
         answer-only training skips most of the head's cost."""
-        x = self.embed(input_ids, pixel_values)
+        x, blocks = self.embed(input_ids, pixel_values), self.image_blocks(input_ids)
         if labels is None:
-            return self.lm(inputs_embeds=x, attention_mask=attention_mask), None
-        h = self.lm(inputs_embeds=x, attention_mask=attention_mask, hidden_only=True)
+            return self.lm(inputs_embeds=x, attention_mask=attention_mask, image_blocks=blocks), None
+        h = self.lm(inputs_embeds=x, attention_mask=attention_mask, hidden_only=True, image_blocks=blocks)
         targets = labels[:, 1:]
         keep = targets != -100
         logits = self.lm.lm_head(h[:, :-1][keep])
@@ -506,7 +662,8 @@ class VLM(nn.Module):
 
     @torch.no_grad()
     def generate(self, input_ids, pixel_values=None, attention_mask=None, **kw):
-        return generate(self.lm, self.embed(input_ids, pixel_values), attention_mask, **kw)
+        return generate(self.lm, self.embed(input_ids, pixel_values), attention_mask,
+                        image_blocks=self.image_blocks(input_ids), **kw)
 
     def set_grad_checkpointing(self, on=True):
         """Recompute the ViT's and the LM's blocks in the backward instead of keeping their activations."""
@@ -589,21 +746,23 @@ def decode_step(lm, token, attention_mask, position, slot):
     return lm(token, attention_mask=attention_mask, position_ids=position, slots=slot)[:, -1]
 
 
-def prefill_step(lm, inputs_embeds, attention_mask, position_ids, slots):
+def prefill_step(lm, inputs_embeds, attention_mask, position_ids, slots, image_blocks=None):
     """The prompts into the cache; the head runs at the last position only (compiled apart)."""
     h = lm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
-           slots=slots, hidden_only=True)
+           slots=slots, hidden_only=True, image_blocks=image_blocks)
     return lm.lm_head(h[:, -1])
 
 
 @torch.no_grad()
 def generate(lm, inputs_embeds, attention_mask=None, max_new_tokens=64, temperature=0.0, top_k=None,
              top_p=None, eos_token_id=2, pad_token_id=None, generator=None, on_token=None, step=None,
-             cache_len=None, prefill=None):
+             cache_len=None, prefill=None, image_blocks=None):
     """Prefill the (left-padded) prompts once, then decode one token per step from the static KV
     cache. A sequence that produced EOS gets padding afterwards; the loop stops when all have.
     Returns [B, n] new token ids (n <= max_new_tokens). on_token(tokens [B]) is called each step
-    (streaming); step / prefill replace decode_step / prefill_step (e.g. torch.compile'd ones)."""
+    (streaming); step / prefill replace decode_step / prefill_step (e.g. torch.compile'd ones).
+    image_blocks: [B,T] ids of the prompts' image blocks (bidirectional image attention); the new
+    tokens are text, so decoding needs none."""
     B, T, _ = inputs_embeds.shape
     device = inputs_embeds.device
     if attention_mask is None:
@@ -619,7 +778,13 @@ def generate(lm, inputs_embeds, attention_mask=None, max_new_tokens=64, temperat
     segments = torch.zeros(B, lm.blocks[0].attn.cache.k.shape[2], dtype=torch.long, device=device)
     segments[:, :T] = attention_mask
     positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # left padding: real tokens from 0
-    logits = (prefill or prefill_step)(lm, inputs_embeds, segments, positions, torch.arange(T, device=device))
+    slots = torch.arange(T, device=device)
+    if image_blocks is None:
+        logits = (prefill or prefill_step)(lm, inputs_embeds, segments, positions, slots)
+    else:
+        blocks = torch.zeros_like(segments)
+        blocks[:, :T] = image_blocks
+        logits = (prefill or prefill_step)(lm, inputs_embeds, segments, positions, slots, blocks)
     position = positions[:, -1:]
     step = step or decode_step
     eos = torch.tensor(eos_token_id, device=device).flatten()  # one id or several (e.g. SmolVLM's)
@@ -797,10 +962,23 @@ def smolvlm_config(config):
                      mp_pixel_shuffle=config.get("scale_factor", 2), image_token_id=config["image_token_id"])
 
 
+def smolvlm_unlike(cfg: VLMConfig, parts=("vision", "projector", "lm")):
+    """The settings of these parts that SmolVLM/Idefics3 (transformers', llama.cpp's) does not have:
+    "" when it computes the same model."""
+    odd = [("vision", "vit_stem", cfg.vision.vit_stem, "patch"),
+           ("vision", "vit_parallel_blocks", cfg.vision.vit_parallel_blocks, False),
+           ("projector", "mp_type", cfg.mp_type, "pixel_shuffle"),
+           ("lm", "lm_image_attention", cfg.lm_image_attention, "causal")]
+    return ", ".join(f"{name}={value!r}" for part, name, value, usual in odd if part in parts and value != usual)
+
+
 def export_smolvlm(vlm, path, processor=None):
     """Write a directory that transformers loads as SmolVLMForConditionalGeneration (and, when
     the processor is given, as its SmolVLMProcessor)."""
     cfg, v = vlm.cfg, vlm.cfg.vision
+    if unlike := smolvlm_unlike(cfg):
+        raise UserError(f"format smolvlm: SmolVLM has no {unlike} (a SigLIP ViT, pixel shuffle, causal "
+                        f"attention); keep this model in the picovlm format")
     os.makedirs(path, exist_ok=True)
     state = unmapped(merged_state_dict(vlm), smolvlm_key_map(cfg), cfg.lm, "lm.")
     config = {
@@ -882,6 +1060,9 @@ def add_lora(vlm, rank=8, alpha=16, dropout=0.0, targets=("lm",), trainable=()):
             and not set(targets) & set(trainable) and rank >= 1 and alpha > 0 and 0 <= dropout < 1):
         raise UserError(f"add_lora: rank {rank}, alpha {alpha}, dropout {dropout}, targets {targets} (of "
                         f"{LORA_PARTS}), trainable {trainable} (vision, projector; not targets): out of range")
+    if unlike := smolvlm_unlike(vlm.cfg, (*targets, *trainable)):
+        raise UserError(f"add_lora: adapters are saved under SmolVLM's module names (PEFT's format) and "
+                        f"SmolVLM has no {unlike}: adapt the LM only, with the other parts frozen")
     vlm.requires_grad_(False)
     for part in trainable:
         getattr(vlm, part).float().requires_grad_(True)

@@ -72,6 +72,8 @@ class TrainConfig:
     vision: str = "scratch"         # a new ViT: "scratch" (shaped by the vit_* flags) or a preset (tiny, siglip-b16-224, ...); or a SigLIP directory / hub id
     vit: M.VisionConfig = M.VisionConfig()  # the --vit_* flags: the shape of a ViT trained from scratch
     mp_pixel_shuffle: int = 2       # s: each s x s block of patches becomes one LM token
+    mp_type: str = "pixel_shuffle"  # the projector: pixel_shuffle (SmolVLM), mlp (LLaVA), patch_merger (Qwen2.5-VL), avg_pool (Gemma 3), attention_pool (Molmo2)
+    lm_image_attention: str = "causal"  # or bidirectional: the tokens of one image see each other (Gemma 3)
     lm: str = ""                    # "": the offline SmolLM2-135M-Instruct GGUF; a .gguf, directory or hub id; or a shape to initialise randomly: tiny, smollm2-135m, smollm2-360m, smollm2-1.7b
     tokenizer: str = ""             # "": the LM's own (the offline GGUF's for a random shape); or a directory / hub id
     # -- stage 1: vision pre-training through a tiny proxy decoder (0 steps: no stage 1)
@@ -179,7 +181,7 @@ def parse_args(argv):
     return args.pop("config", "default"), args
 
 
-FIXED_ON_RESUME = {"init_from", "vision", "mp_pixel_shuffle", "lm", "tokenizer", "system_prompt", "proxy_width",
+FIXED_ON_RESUME = {"init_from", "vision", "mp_pixel_shuffle", "mp_type", "lm_image_attention", "lm", "tokenizer", "system_prompt", "proxy_width",
                    "proxy_layers", "lm_train_layers", "seq_len", "lora_rank", "lora_alpha", "lora_targets"}
 
 
@@ -201,7 +203,8 @@ def make_config(preset, explicit, saved=None):
         values["lm_train_layers"] = 0
     if values.get("vision", "scratch") != base.get("vision", "scratch"):
         vit = {}
-    given = {k for k in explicit if k in VIT_FIELDS or k in ("vision", "lm", "tokenizer", "mp_pixel_shuffle")}
+    given = {k for k in explicit if k in VIT_FIELDS or k in ("vision", "lm", "tokenizer", "mp_pixel_shuffle", "mp_type",
+                                                              "lm_image_attention")}
     if values.get("init_from") and given:
         raise UserError(f"--{sorted(given)[0]} is ignored with --init_from (the checkpoint decides the model)")
     vision = values.get("vision", "scratch")
@@ -224,7 +227,8 @@ def make_config(preset, explicit, saved=None):
               ("num_workers", cfg.num_workers >= 0), ("augment_shift", cfg.augment_shift >= 0),
               ("seq_len", cfg.seq_len >= 16), ("synthetic", cfg.synthetic >= 0),
               ("proxy_layers", cfg.proxy_layers >= 1), ("proxy_width", cfg.proxy_width >= 1),
-              ("mp_pixel_shuffle", cfg.mp_pixel_shuffle >= 1),
+              ("mp_pixel_shuffle", cfg.mp_pixel_shuffle >= 1), ("mp_type", cfg.mp_type in M.PROJECTORS),
+              ("lm_image_attention", cfg.lm_image_attention in ("causal", "bidirectional")),
               ("device", cfg.device in ("auto", "cpu", "cuda", "mps")),
               ("dtype", cfg.dtype in ("auto", *cli.DTYPES)), ("lora_rank", cfg.lora_rank >= 0),
               ("lora_alpha", cfg.lora_alpha > 0), ("lora_dropout", 0 <= cfg.lora_dropout < 1),
@@ -307,7 +311,8 @@ def build_model(cfg):
                             system_prompt=cfg.system_prompt)  # adds the image tokens to the tokenizer
     if lm.cfg.lm_vocab < len(tokenizer):
         lm.resize_vocab(len(tokenizer))
-    vlm = M.VLM(M.VLMConfig(vision=v, lm=lm.cfg, mp_pixel_shuffle=cfg.mp_pixel_shuffle,
+    vlm = M.VLM(M.VLMConfig(vision=v, lm=lm.cfg, mp_pixel_shuffle=cfg.mp_pixel_shuffle, mp_type=cfg.mp_type,
+                            lm_image_attention=cfg.lm_image_attention,
                             image_token_id=processor.image_token_id), vision=vision, lm=lm)
     # a new projector starts at the scale of the LM's word embeddings: at first the image tokens
     # look to a pretrained LM like some words, not like outliers 4x larger than any word
