@@ -305,6 +305,8 @@ class VisionTransformer(nn.Module):
         path = resolve_checkpoint(path)
         config = read_config(os.path.join(path, "config.json"))
         cfg = parse_config(path, lambda: vision_config_from_hf(config.get("vision_config", config), **overrides))
+        if cfg.vit_stem != "patch" or cfg.vit_parallel_blocks:
+            raise UserError(f"{path}: SigLIP weights load into a patch stem and sequential blocks only")
         model = cls(cfg)
         state = read_safetensors(path)
         prefix = "vision_model." if any(k.startswith("vision_model.") for k in state) else ""
@@ -1060,7 +1062,8 @@ def add_lora(vlm, rank=8, alpha=16, dropout=0.0, targets=("lm",), trainable=()):
             and not set(targets) & set(trainable) and rank >= 1 and alpha > 0 and 0 <= dropout < 1):
         raise UserError(f"add_lora: rank {rank}, alpha {alpha}, dropout {dropout}, targets {targets} (of "
                         f"{LORA_PARTS}), trainable {trainable} (vision, projector; not targets): out of range")
-    if unlike := smolvlm_unlike(vlm.cfg, (*targets, *trainable)):
+    # (image attention changes no weight names: an LM adapter of a bidirectional model is fine)
+    if unlike := smolvlm_unlike(vlm.cfg, [p for p in (*targets, *trainable) if p != "lm"]):
         raise UserError(f"add_lora: adapters are saved under SmolVLM's module names (PEFT's format) and "
                         f"SmolVLM has no {unlike}: adapt the LM only, with the other parts frozen")
     vlm.requires_grad_(False)
