@@ -69,6 +69,7 @@ class TrainConfig:
     cache_data: bool = False        # keep each decoded training sample in memory after its first use (small sets; in each worker)
     # -- model
     init_from: str = ""             # fine-tune this picoVLM or SmolVLM/Idefics3 checkpoint (directory or hub id) instead of --vision/--lm
+    model_class: str = ""           # FILE.py:ClassName, a model.VLM subclass (your own loss, say; docs/hacking.md) to build and train instead of model.VLM
     vision: str = "scratch"         # a new ViT: "scratch" (shaped by the vit_* flags) or a preset (tiny, siglip-b16-224, ...); or a SigLIP directory / hub id
     vit: M.VisionConfig = M.VisionConfig()  # the --vit_* flags: the shape of a ViT trained from scratch
     mp_pixel_shuffle: int = 2       # s: each s x s block of patches becomes one LM token
@@ -285,10 +286,28 @@ def load_data(cfg, is_main):
 
 # ----------------------------------------------------------------------------- model
 
+def model_class(spec):
+    """--model_class FILE.py:ClassName -> that class, a subclass of model.VLM ("": model.VLM itself)."""
+    if not spec:
+        return M.VLM
+    path, _, name = spec.rpartition(":")
+    if not path.endswith(".py") or not os.path.isfile(path) or not name.isidentifier():
+        raise UserError(f"--model_class {spec!r}: expected FILE.py:ClassName with an existing FILE.py")
+    import importlib.util
+    module_spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)  # an error in the file itself keeps its traceback
+    cls = getattr(module, name, None)
+    if not (isinstance(cls, type) and issubclass(cls, M.VLM)):
+        raise UserError(f"--model_class {spec!r}: {path} has no subclass of model.VLM named {name}")
+    return cls
+
+
 def build_model(cfg):
     """-> (vlm, processor) from --init_from, or from --vision and --lm."""
+    Model = model_class(cfg.model_class)  # model.VLM, or the --model_class subclass
     if cfg.init_from:
-        vlm, processor = M.VLM.from_pretrained(cfg.init_from), M.Processor.from_pretrained(cfg.init_from)
+        vlm, processor = Model.from_pretrained(cfg.init_from), M.Processor.from_pretrained(cfg.init_from)
         processor.system_prompt = cfg.system_prompt
         return vlm, processor
     if cfg.lm in M.LM_PRESETS:
@@ -311,7 +330,7 @@ def build_model(cfg):
                             system_prompt=cfg.system_prompt)  # adds the image tokens to the tokenizer
     if lm.cfg.lm_vocab < len(tokenizer):
         lm.resize_vocab(len(tokenizer))
-    vlm = M.VLM(M.VLMConfig(vision=v, lm=lm.cfg, mp_pixel_shuffle=cfg.mp_pixel_shuffle, mp_type=cfg.mp_type,
+    vlm = Model(M.VLMConfig(vision=v, lm=lm.cfg, mp_pixel_shuffle=cfg.mp_pixel_shuffle, mp_type=cfg.mp_type,
                             lm_image_attention=cfg.lm_image_attention,
                             image_token_id=processor.image_token_id), vision=vision, lm=lm)
     # a new projector starts at the scale of the LM's word embeddings: at first the image tokens
@@ -641,7 +660,7 @@ def train(cfg, resume):
     train_records, val_records, (test_records, test_split) = load_data(cfg, run.main)
     if resume and state.stage in ("vlm", "done") and os.path.exists(os.path.join(cfg.out_dir, "config.json")):
         # with LoRA out_dir holds the merged model; the adapters (in the training state) go on base/
-        vlm = M.VLM.from_pretrained(os.path.join(cfg.out_dir, "base") if cfg.lora_rank else cfg.out_dir)
+        vlm = model_class(cfg.model_class).from_pretrained(os.path.join(cfg.out_dir, "base") if cfg.lora_rank else cfg.out_dir)
         processor = M.Processor.from_pretrained(cfg.out_dir)
     else:  # (a run that resumes inside stage 1 rebuilds the VLM it started from: same seed, same weights)
         vlm, processor = build_model(cfg)
