@@ -448,3 +448,27 @@ def test_every_projector_parameter_gets_a_gradient(mp_type):
     torch.optim.SGD(params.values(), lr=0.1).step()
     for name, p in params.items():
         assert not torch.equal(p, before[name]), name
+
+
+@pytest.mark.parametrize("mp_type", ["avg_pool", "attention_pool"])
+@torch.no_grad()
+def test_split_images_one_block_per_tile(tokenizer, mp_type):
+    """SmolVLM's image splitting with another projector and bidirectional attention: each tile's
+    tokens are one block (Gemma 3's rule on contiguous runs), and the cached prefill equals the
+    full forward (1e-4)."""
+    from conftest import random_image
+    proc = M.Processor(tokenizer, 64, 4, splitting=True, longest_edge=128)
+    cfg = M.VLMConfig(vision=M.VisionConfig(vit_image_size=64, vit_patch_size=16, vit_depth=1, vit_width=32,
+                                            vit_heads=2, vit_mlp_dim=64, vit_pos_embed="sincos2d"),
+                      lm=dataclasses.replace(M.LM_PRESETS["tiny"], lm_vocab=len(tokenizer)), mp_type=mp_type,
+                      lm_image_attention="bidirectional", image_token_id=proc.image_token_id)
+    torch.manual_seed(0)
+    vlm = M.VLM(cfg).eval()
+    batch = proc([proc.chat_prompt("Describe.", 1)], [[random_image(150, 90)]])
+    tiles = batch["pixel_values"].flatten(0, -4).shape[0]
+    assert tiles > 1 and int(vlm.image_blocks(batch["input_ids"]).max()) == tiles
+    full = vlm(batch["input_ids"], batch["pixel_values"])[0][0, -1]
+    logits = []
+    vlm.generate(batch["input_ids"], batch["pixel_values"], max_new_tokens=1,
+                 prefill=lambda *a: logits.append(M.prefill_step(*a)) or logits[-1])
+    assert max_diff(logits[0][0], full) <= 1e-4
