@@ -134,8 +134,9 @@ def write_mmproj_gguf(state, cfg, processor, path, gguf_type="f32", name="picovl
     w.add_vision_image_mean(processor.mean)
     w.add_vision_image_std(processor.std)
     w.add_vision_projector_scale_factor(cfg.mp_pixel_shuffle)
-    # llama.cpp first resizes the longest edge to this, then cuts image_size tiles (+ the whole
-    # image): our image size when the processor does not split, so an image is one tile
+    # llama.cpp first resizes the longest edge to this, then cuts image_size tiles and adds the whole
+    # image, even when there is one tile (transformers then sends the whole image only): a model that
+    # does not split sees its image twice in llama.cpp (docs/experiments.md)
     split = processor.splitting and processor.longest_edge
     w.add_vision_preproc_image_size(processor.longest_edge if split else v.vit_image_size)
     plan = M.smolvlm_key_map(cfg)  # ours -> SmolVLM's names, which llama.cpp's tensor map knows
