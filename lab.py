@@ -42,6 +42,8 @@ ROWS = {
     "shuffle4": (["--mp_pixel_shuffle", "4"], False),   # 1 image token
     "bidirectional": (["--lm_image_attention", "bidirectional"], False),
     "hmlp": (["--vit_stem", "hmlp"], False),
+    "hmlp-seed2": (["--vit_stem", "hmlp", "--seed", "2"], False),  # the best first run, repeated
+    "hmlp-seed3": (["--vit_stem", "hmlp", "--seed", "3"], False),
     "parallel": (["--vit_parallel_blocks"], False),
     "deep-narrow": (["--vit_depth", "8", "--vit_width", "96", "--vit_mlp_dim", "384"], True),
     "patch8": (["--vit_patch_size", "8", "--mp_pixel_shuffle", "4"], True),  # 64 patches, still 4 LM tokens
