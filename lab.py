@@ -91,6 +91,8 @@ def command(name, out_root):
     if equal:  # stage 1 trains the ViT: give it the default's FLOPs
         i = budget.index("--pretrain_steps") + 1
         budget[i] = str(round(int(budget[i]) * forward_flops([]) / forward_flops(flags)))
+    if "--vit_stem" not in flags:  # the lab compared against the plain patch stem, the default until it
+        budget += ["--vit_stem", "patch"]  # found the hMLP stem better
     return [sys.executable, "train.py", "--out_dir", os.path.join(out_root, name), *budget, *flags]
 
 
