@@ -472,3 +472,18 @@ def test_split_images_one_block_per_tile(tokenizer, mp_type):
     vlm.generate(batch["input_ids"], batch["pixel_values"], max_new_tokens=1,
                  prefill=lambda *a: logits.append(M.prefill_step(*a)) or logits[-1])
     assert max_diff(logits[0][0], full) <= 1e-4
+
+
+@torch.no_grad()
+def test_options_compile():
+    """torch.compile'd image encoder and generation (inference.compile_generation: the prefill gets
+    the image blocks) equal eager with every option on (1e-5; tokens exact)."""
+    import inference
+    vlm = vlm_with(vision=dict(vit_stem="hmlp", vit_parallel_blocks=True), mp_type="attention_pool",
+                   lm_image_attention="bidirectional")
+    ids = torch.tensor([[1, 2] + [vlm.cfg.image_token_id] * vlm.cfg.image_tokens + [3, 4, 5]])
+    px = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    assert max_diff(torch.compile(vlm.image_embeds)(px), vlm.image_embeds(px)) <= 1e-5
+    prefill, step = inference.compile_generation(torch.device("cpu"))
+    want = vlm.generate(ids, px, max_new_tokens=6, eos_token_id=-1)
+    assert vlm.generate(ids, px, max_new_tokens=6, eos_token_id=-1, prefill=prefill, step=step).tolist() == want.tolist()

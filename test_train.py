@@ -256,11 +256,14 @@ def test_resume_continues_exactly(tmp_path, tokenizer_dir, data):
     assert [x["loss"] for x in log(inside)] == [x["loss"] for x in log(straight40)]
 
 
-def test_two_gloo_processes_equal_one(tmp_path, tokenizer_dir, data):
+@pytest.mark.parametrize("options", [(), ("--mp_type", "attention_pool", "--lm_image_attention", "bidirectional",
+                                           "--vit_stem", "hmlp", "--vit_parallel_blocks")], ids=["plain", "design"])
+def test_two_gloo_processes_equal_one(tmp_path, tokenizer_dir, data, options):
     """The same global batches: 1 process x accumulation 2 vs 2 DDP processes (gloo) x 1, in both
-    stages. Only the order of float sums differs: losses and gradient norms agree to 1e-5."""
+    stages, also with the design lab's options. Only the order of float sums differs: losses and
+    gradient norms agree to 1e-5."""
     one, two = tmp_path / "one", tmp_path / "two"
-    common = ("--pretrain_steps", "3", "--max_steps", "4", "--num_workers", "0")
+    common = ("--pretrain_steps", "3", "--max_steps", "4", "--num_workers", "0", *options)
     r = run(tiny(tokenizer_dir, data, one, *common, "--pretrain_batch_size", "8", "--batch_size", "4",
                  "--grad_accum", "2"), env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
