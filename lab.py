@@ -24,7 +24,7 @@ import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 import model as M  # noqa: E402
-from checkpoint import UserError, atomic_write  # noqa: E402
+from checkpoint import UserError, atomic_write, read_config  # noqa: E402
 
 # the demo's recipe at about a quarter of its stage-1 steps and a third of its VLM steps: ~5 minutes a row on 2 cores
 BUDGET = ["--pretrain_steps", "700", "--max_steps", "50", "--final_eval_samples", "210", "--eval_samples", "70"]
@@ -103,8 +103,7 @@ def result(name, out_root):
         final = json.load(f)
     with open(os.path.join(out, "log.jsonl")) as f:
         log = [json.loads(line) for line in f if line.strip()]
-    with open(os.path.join(out, "config.json")) as f:
-        cfg = M.VLMConfig.from_dict(json.load(f))
+    cfg = M.VLMConfig.from_dict(read_config(os.path.join(out, "config.json")))
     stages, last = {}, 0.0
     for r in log:  # time_s counts from the run's start: a step's time is the difference
         dt, last = r["time_s"] - last, r["time_s"]
@@ -114,9 +113,9 @@ def result(name, out_root):
     pre_steps, vlm_steps = int(cmd[cmd.index("--pretrain_steps") + 1]), int(cmd[cmd.index("--max_steps") + 1])
     # training ~ 3 x forward: stage 1 the ViT on 64 images a step (its proxy decoder is ~100x
     # smaller: left out), stage 2 the ViT's forward (frozen in the demo) on 16 images a step and
-    # the LM on the samples' mean length
-    flops = (3 * forward_flops(flags) * 64 * pre_steps
-             + (forward_flops(flags) + 3 * forward_flops(flags, TEXT_TOKENS)) * 16 * vlm_steps)
+    # the LM on TEXT_TOKENS + the image's tokens
+    vit = forward_flops(flags)
+    flops = 3 * vit * 64 * pre_steps + (vit + 3 * forward_flops(flags, TEXT_TOKENS)) * 16 * vlm_steps
     median = {k: sorted(t)[len(t) // 2] for k, t in stages.items()}
     return {"row": name, "accuracy": final["accuracy"], "per_type": final["per_type"],
             "image_tokens": cfg.image_tokens, "flops": flops, "pretrain_step_s": median.get("pretrain"),

@@ -97,14 +97,14 @@ class VLMConfig:
     lm: LanguageConfig = field(default_factory=LanguageConfig)
     mp_pixel_shuffle: int = 2      # s: s*s neighbouring patches -> one LM token (4x fewer tokens)
     mp_type: str = "pixel_shuffle"  # how each s x s block becomes a token: a PROJECTORS name (section 3)
-    lm_image_attention: str = "causal"  # or "bidirectional": an image's tokens see each other (Gemma 3)
+    lm_image_attention: str = "causal"  # or "bidirectional" (IMAGE_ATTENTION): an image's tokens see each other
     image_token_id: int = -1       # set from the tokenizer when the image tokens are added (-1: none yet)
 
     def __post_init__(self):
         grid = self.vision.vit_image_size // self.vision.vit_patch_size
         validate(self, [("mp_pixel_shuffle", self.mp_pixel_shuffle >= 1 and grid % self.mp_pixel_shuffle == 0),
                         ("mp_type", self.mp_type in PROJECTORS),
-                        ("lm_image_attention", self.lm_image_attention in ("causal", "bidirectional")),
+                        ("lm_image_attention", self.lm_image_attention in IMAGE_ATTENTION),
                         ("image_token_id", -1 <= self.image_token_id < self.lm.lm_vocab)])
 
     @property
@@ -122,6 +122,7 @@ class VLMConfig:
         return cls(vision=VisionConfig(**d.pop("vision")), lm=LanguageConfig(**d.pop("lm")), **d)
 
 
+IMAGE_ATTENTION = ("causal", "bidirectional")
 MAX_PARAMETERS = 10 ** 11  # 400 GB in fp32: any config beyond it is a typo, not a model to allocate
 
 
@@ -780,13 +781,10 @@ def generate(lm, inputs_embeds, attention_mask=None, max_new_tokens=64, temperat
     segments = torch.zeros(B, lm.blocks[0].attn.cache.k.shape[2], dtype=torch.long, device=device)
     segments[:, :T] = attention_mask
     positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # left padding: real tokens from 0
-    slots = torch.arange(T, device=device)
-    if image_blocks is None:
-        logits = (prefill or prefill_step)(lm, inputs_embeds, segments, positions, slots)
-    else:
-        blocks = torch.zeros_like(segments)
+    blocks = None if image_blocks is None else torch.zeros_like(segments)  # over the cache, as segments
+    if blocks is not None:
         blocks[:, :T] = image_blocks
-        logits = (prefill or prefill_step)(lm, inputs_embeds, segments, positions, slots, blocks)
+    logits = (prefill or prefill_step)(lm, inputs_embeds, segments, positions, torch.arange(T, device=device), blocks)
     position = positions[:, -1:]
     step = step or decode_step
     eos = torch.tensor(eos_token_id, device=device).flatten()  # one id or several (e.g. SmolVLM's)

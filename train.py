@@ -230,7 +230,7 @@ def make_config(preset, explicit, saved=None):
               ("seq_len", cfg.seq_len >= 16), ("synthetic", cfg.synthetic >= 0),
               ("proxy_layers", cfg.proxy_layers >= 1), ("proxy_width", cfg.proxy_width >= 1),
               ("mp_pixel_shuffle", cfg.mp_pixel_shuffle >= 1), ("mp_type", cfg.mp_type in M.PROJECTORS),
-              ("lm_image_attention", cfg.lm_image_attention in ("causal", "bidirectional")),
+              ("lm_image_attention", cfg.lm_image_attention in M.IMAGE_ATTENTION),
               ("device", cfg.device in ("auto", "cpu", "cuda", "mps")),
               ("dtype", cfg.dtype in ("auto", *cli.DTYPES)), ("lora_rank", cfg.lora_rank >= 0),
               ("lora_alpha", cfg.lora_alpha > 0), ("lora_dropout", 0 <= cfg.lora_dropout < 1),
