@@ -480,9 +480,23 @@ class LMAttention(nn.Module):
         v = v.view(B, T, self.kv_heads, self.hd).transpose(1, 2)
         if slots is not None:
             k, v = self.cache.update(slots, k, v)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                           enable_gqa=self.kv_heads != self.heads)
+        if T == 1 and mask is not None and x.device.type == "cpu" and torch.compiler.is_compiling():
+            y = one_query_attention(q, k, v, mask)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                               enable_gqa=self.kv_heads != self.heads)
         return self.proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+def one_query_attention(q, k, v, mask):
+    """SDPA for a decode step (q [B,H,1,D] over the cache k, v [B,KV,L,D]; grouped heads as
+    enable_gqa) written as two matmuls: compiled for a CPU, inductor fuses the mask and softmax
+    between them, and it ran a SmolLM2 decode step ~4% faster than SDPA's kernel (docs/experiments.md)."""
+    B, H, T, D = q.shape
+    KV = k.shape[1]
+    s = (q.reshape(B, KV, H // KV * T, D) * D ** -0.5) @ k.transpose(-1, -2)
+    s = s.view(B, KV, H // KV, T, -1).masked_fill(~mask[:, :, None], float("-inf")).softmax(-1)
+    return (s.view(B, KV, H // KV * T, -1) @ v).view(B, H, T, D)
 
 
 class LMBlock(nn.Module):

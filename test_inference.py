@@ -132,6 +132,33 @@ def test_compiled_int4_decoding_equals_eager():
     assert got.tolist() == want.tolist() == [uncached_greedy(lm, row[None], 6) for row in ids]
 
 
+def test_int8_loop_equals_dequantized_linear(monkeypatch):
+    """Int8Linear's compiled product for 1-4 rows (inductor's loop, taken on AVX512 CPUs; forced
+    here so that any CPU checks it) against F.linear with the dequantized weight: the same sums in
+    another order, max |diff| <= 1e-5 (outputs ~0.5)."""
+    monkeypatch.setattr(inference, "AVX512", True)
+    torch.manual_seed(0)
+    layer = inference.Int8Linear(torch.nn.Linear(64, 48))
+    x = torch.randn(3, 1, 64)
+    want = F.linear(x, layer.weight.float() * layer.scale[:, None], layer.bias)
+    compiled = torch.compile(layer, fullgraph=True, dynamic=False)
+    with torch.no_grad():
+        for n in (1, 3):
+            assert (compiled(x[:n]) - want[:n]).abs().max() <= 1e-5
+
+
+def test_one_query_attention_equals_sdpa():
+    """The compiled CPU decode step's attention (two matmuls) against SDPA with enable_gqa, batched,
+    with masked cache rows: max |diff| <= 1e-6 (outputs ~1)."""
+    torch.manual_seed(0)
+    for B, H, KV in ((1, 9, 3), (2, 4, 4), (3, 8, 2)):
+        q, k, v = torch.randn(B, H, 1, 16), torch.randn(B, KV, 40, 16), torch.randn(B, KV, 40, 16)
+        mask = torch.rand(B, 1, 1, 40) > 0.3
+        mask[..., 0] = True
+        want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=H != KV)
+        assert (M.one_query_attention(q, k, v, mask) - want).abs().max() <= 1e-6
+
+
 # ----------------------------------------------------------------------------- GGUF export
 
 def small_tokenizer(tokenizer, n=1024):
