@@ -38,8 +38,9 @@ The memory bandwidth is measured (sum of a large tensor), and the decode limit i
 bandwidth / bytes of weights read per token. The last line is one JSON object.
 
 On a CPU shared with other busy processes, OpenMP threads that spin-wait for each other slow
-everything down many times over (docs/experiments.md), so this
-script makes them wait passively unless OMP_WAIT_POLICY is set; the load average is printed.
+everything down many times over, while threads that sleep at once slow decoding 2.6x
+(docs/experiments.md), so this script, as generate.py, lets them spin briefly (GOMP_SPINCOUNT=10000)
+unless OMP_WAIT_POLICY or GOMP_SPINCOUNT is set; the load average is printed.
 """
 import argparse
 import contextlib
@@ -57,7 +58,7 @@ import traceback
 
 import cli
 
-cli.passive_openmp()
+cli.passive_openmp(spin=10000)  # as generate.py decodes
 import torch  # noqa: E402
 
 import model as M  # noqa: E402
@@ -582,7 +583,7 @@ def main(argv=None):
         return 0
     print(f"device {device}{' ' + torch.cuda.get_device_name(device) if device.type == 'cuda' else ''}, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads (OMP_WAIT_POLICY "
-          f"{os.environ['OMP_WAIT_POLICY']}), load average {os.getloadavg()[0]:.1f}"
+          f"{os.environ.get('OMP_WAIT_POLICY', '-')}, GOMP_SPINCOUNT {os.environ.get('GOMP_SPINCOUNT', '-')}), load average {os.getloadavg()[0]:.1f}"
           f"{', smoke shapes' if args.smoke else ', random weights' if args.random_weights else ''}")
     results, rows, failed = {"device": str(device)}, [], []
     t0 = time.perf_counter()

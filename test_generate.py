@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 import checkpoint
+import cli as cli_lib
 import generate
 import inference
 from conftest import COLOURS, ENV, HERE, script
@@ -301,3 +302,18 @@ def test_adapter_answers_like_the_merged_model(tmp_path, tokenizer, capsys):
     assert generate.main(["--model", str(tmp_path / "base"), "--adapter", str(tmp_path / "adapter"), *common]) == 0
     assert capsys.readouterr().out == merged and merged.strip()
     assert generate.main(["--model", str(tmp_path / "base"), "--adapter", str(tmp_path / "base"), *common]) == 2
+
+
+def test_openmp_wait(monkeypatch):
+    """Decoding scripts spin briefly (GOMP_SPINCOUNT), the others wait passively; a user's own
+    OMP_WAIT_POLICY or GOMP_SPINCOUNT is left as it is."""
+    for name in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT"):
+        monkeypatch.delenv(name, raising=False)
+    cli_lib.passive_openmp(spin=10000)
+    assert os.environ["GOMP_SPINCOUNT"] == "10000" and "OMP_WAIT_POLICY" not in os.environ
+    monkeypatch.delenv("GOMP_SPINCOUNT")
+    cli_lib.passive_openmp()
+    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE" and "GOMP_SPINCOUNT" not in os.environ
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    cli_lib.passive_openmp(spin=10000)
+    assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE" and "GOMP_SPINCOUNT" not in os.environ
