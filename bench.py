@@ -58,7 +58,7 @@ import traceback
 
 import cli
 
-cli.passive_openmp(spin=10000)  # as generate.py decodes
+cli.openmp_wait(decoding=True)  # as generate.py
 import torch  # noqa: E402
 
 import model as M  # noqa: E402
@@ -582,8 +582,8 @@ def main(argv=None):
         print(json.dumps(memory_step(json.loads(args.memory_child))))
         return 0
     print(f"device {device}{' ' + torch.cuda.get_device_name(device) if device.type == 'cuda' else ''}, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads (OMP_WAIT_POLICY "
-          f"{os.environ.get('OMP_WAIT_POLICY', '-')}, GOMP_SPINCOUNT {os.environ.get('GOMP_SPINCOUNT', '-')}), load average {os.getloadavg()[0]:.1f}"
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads "
+          f"({', '.join(f'{k} {os.environ[k]}' for k in ('OMP_WAIT_POLICY', 'GOMP_SPINCOUNT') if k in os.environ)}), load average {os.getloadavg()[0]:.1f}"
           f"{', smoke shapes' if args.smoke else ', random weights' if args.random_weights else ''}")
     results, rows, failed = {"device": str(device)}, [], []
     t0 = time.perf_counter()

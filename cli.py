@@ -119,11 +119,11 @@ def gpu_peak_flops(name):
     return next((v for k, v in PEAK_BF16_FLOPS if k in name), None)
 
 
-def passive_openmp(spin=0):
+def openmp_wait(decoding=False):
     """How idle OpenMP threads wait (unless the user set OMP_WAIT_POLICY or GOMP_SPINCOUNT); must run
     before torch loads. Threads that busy-wait for work steal the CPU from data workers and anything
-    else on a small shared machine (docs/experiments.md: 3-60x slower steps), so by default they
-    sleep at once. spin > 0: they spin that many rounds (10000: ~0.2 ms) first, for decoding,
-    whose ~100 parallel regions a token ran 2.6x slower when each woke sleeping threads."""
+    else on a small shared machine (docs/experiments.md: 3-60x slower steps), so they sleep at once;
+    when decoding they first spin 10000 rounds (~0.2 ms): a decode step's ~100 parallel regions a
+    token ran 2.6x slower when each woke sleeping threads."""
     if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
-        os.environ.update({"GOMP_SPINCOUNT": str(spin)} if spin else {"OMP_WAIT_POLICY": "PASSIVE"})
+        os.environ.update({"GOMP_SPINCOUNT": "10000"} if decoding else {"OMP_WAIT_POLICY": "PASSIVE"})

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import cli
 
-cli.passive_openmp(spin=10000)  # decoding: see passive_openmp
+cli.openmp_wait(decoding=True)
 import torch  # noqa: E402
 
 import sources  # noqa: E402

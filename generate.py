@@ -18,7 +18,7 @@ import time
 
 import cli
 
-cli.passive_openmp(spin=10000)  # decoding: see passive_openmp
+cli.openmp_wait(decoding=True)
 import torch  # noqa: E402
 
 import checkpoint  # noqa: E402

@@ -34,10 +34,10 @@ class Int8Linear(nn.Module):
         return self
 
     def forward(self, x):
-        if torch.compiler.is_compiling() and x.shape[:-1].numel() <= 4 and x.device.type == "cpu" and AVX512:
-            # as MatvecLinear: inductor's loop converts 16 int8 at a time in registers; it ran ATen's
-            # kernel's 151 SmolLM2 products 2.5x faster on AVX512 (8 lanes on AVX2: 2x slower)
-            y = ((x.unsqueeze(-2).float() * self.weight.float()).sum(-1) * self.scale).to(x.dtype)
+        if x.device.type == "cpu" and AVX512 and compiled_few_rows(x):
+            # MatvecLinear's loop converts 16 int8 at a time in registers: it ran ATen's kernel's 151
+            # SmolLM2 products 2.5x faster on AVX512 (8 lanes on AVX2: 2x slower)
+            y = (matvec(x, self.weight) * self.scale).to(x.dtype)
         elif x.device.type == "cpu" and self.weight.shape[1] % 8 == 0 and not x.requires_grad:  # other K crash the kernel; it has no backward
             # ATen's CPU kernel converts int8 in registers and never writes a float copy of the
             # weight. Its fast path takes bf16 activations (fp32 ones ran many times slower: docs/experiments.md).
@@ -124,6 +124,17 @@ def quantize_int4(module, group_size=32):
     return swap_linears(module, lambda lin: Int4Linear(lin, group_size) if int4_fits(lin, group_size) else lin)
 
 
+def compiled_few_rows(x):
+    """Under torch.compile with up to 4 input rows: where matvec's loop beats a matmul (MatvecLinear)."""
+    return torch.compiler.is_compiling() and x.shape[:-1].numel() <= 4
+
+
+def matvec(x, weight):
+    """x @ weight.T in fp32 as a broadcast product summed over the inputs, which inductor compiles
+    into one loop that streams the weight and converts it in registers."""
+    return (x.unsqueeze(-2).float() * weight.float()).sum(-1)
+
+
 class MatvecLinear(nn.Module):
     """nn.Linear for compiled decoding on CPU. A few input rows (a decode step of up to 4
     sequences) are multiplied as a broadcast product summed over the inputs, which inductor
@@ -142,8 +153,8 @@ class MatvecLinear(nn.Module):
         self.bias = linear.bias
 
     def forward(self, x):
-        if torch.compiler.is_compiling() and x.shape[:-1].numel() <= 4:
-            y = (x.unsqueeze(-2).float() * self.weight.float()).sum(-1).to(x.dtype)
+        if compiled_few_rows(x):
+            y = matvec(x, self.weight).to(x.dtype)
         else:
             y = F.linear(x, self.weight.to(x.dtype))
         return y if self.bias is None else y + self.bias

@@ -19,7 +19,7 @@ import sys
 
 import cli
 
-cli.passive_openmp()
+cli.openmp_wait()
 import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 

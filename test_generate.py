@@ -309,11 +309,11 @@ def test_openmp_wait(monkeypatch):
     OMP_WAIT_POLICY or GOMP_SPINCOUNT is left as it is."""
     for name in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT"):
         monkeypatch.delenv(name, raising=False)
-    cli_lib.passive_openmp(spin=10000)
+    cli_lib.openmp_wait(decoding=True)
     assert os.environ["GOMP_SPINCOUNT"] == "10000" and "OMP_WAIT_POLICY" not in os.environ
     monkeypatch.delenv("GOMP_SPINCOUNT")
-    cli_lib.passive_openmp()
+    cli_lib.openmp_wait()
     assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE" and "GOMP_SPINCOUNT" not in os.environ
     monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
-    cli_lib.passive_openmp(spin=10000)
+    cli_lib.openmp_wait(decoding=True)
     assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE" and "GOMP_SPINCOUNT" not in os.environ

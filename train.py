@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 import cli
 
-cli.passive_openmp()
+cli.openmp_wait()
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
