@@ -795,8 +795,9 @@ def generate(lm, inputs_embeds, attention_mask=None, max_new_tokens=64, temperat
     segments = torch.zeros(B, lm.blocks[0].attn.cache.k.shape[2], dtype=torch.long, device=device)
     segments[:, :T] = attention_mask
     positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # left padding: real tokens from 0
-    blocks = None if image_blocks is None else torch.zeros_like(segments)  # over the cache, as segments
-    if blocks is not None:
+    blocks = None
+    if image_blocks is not None:  # over the cache, as segments
+        blocks = torch.zeros_like(segments)
         blocks[:, :T] = image_blocks
     logits = (prefill or prefill_step)(lm, inputs_embeds, segments, positions, torch.arange(T, device=device), blocks)
     position = positions[:, -1:]
