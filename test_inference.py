@@ -121,8 +121,10 @@ def test_cached_decoding_equals_uncached_and_batch_equals_single(name, formats, 
 
 @torch.no_grad()
 def test_compiled_int4_decoding_equals_eager():
-    """The compiled decode step (inductor keeps ATen's int4 and int8 kernels in its graph) gives
-    the eager tokens, which equal uncached decoding, on a tiny random LM."""
+    """The CPU decode step compiled ahead of time (ExportedStep; inductor keeps ATen's int4 and
+    int8 kernels in its graph) gives the eager tokens, which equal uncached decoding, on a tiny
+    random LM. It reads the model's own tensors: a new KV cache and a weight changed in place after
+    it was built are the ones it uses."""
     torch.manual_seed(0)
     lm = inference.quantize_int4(tiny_vlm().lm)
     ids = torch.randint(0, 300, (2, 7))
@@ -130,6 +132,11 @@ def test_compiled_int4_decoding_equals_eager():
     _, step = inference.compile_generation(torch.device("cpu"))  # the step only: compiling takes long enough
     got = lm.generate(ids, max_new_tokens=6, eos_token_id=-1, cache_len=16, step=step)
     assert got.tolist() == want.tolist() == [uncached_greedy(lm, row[None], 6) for row in ids]
+    lm.setup_cache(2, 16)
+    lm.norm.weight.neg_()
+    want = lm.generate(ids, max_new_tokens=6, eos_token_id=-1, cache_len=16)
+    assert lm.generate(ids, max_new_tokens=6, eos_token_id=-1, cache_len=16, step=step).tolist() == want.tolist() != got.tolist()
+    assert len(step.built) == 1
 
 
 def test_int8_loop_equals_dequantized_linear(monkeypatch):
