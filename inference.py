@@ -1,6 +1,7 @@
 """What makes decoding fast, kept apart from what the model computes (model.py stays the
 reference): weight-only int8 linears, a matrix-vector linear for compiled CPU decoding, a CPU
-weight layout, and the compiled prefill / decode step (static KV cache; CUDA graphs on GPUs).
+weight layout, and the compiled prefill / decode step (static KV cache; the step compiled ahead
+of time on CPUs, a CUDA graph on GPUs).
 """
 import warnings
 
