@@ -198,7 +198,7 @@ class ExportedStep:
     """decode_step for CPUs compiled ahead of time: torch.export, then AOTInductor, which calls
     inductor's kernels (the same as torch.compile's) from generated C++. TorchDynamo's guards and
     the Python between the kernels are gone: they were ~3 of the 13 ms of a SmolLM2-135M int8 token
-    on 2 cores, and this step decodes 1.3x faster (docs/experiments.md). Built on the first call for
+    on 2 cores, and this step decodes int8 1.3x faster (docs/experiments.md). Built on the first call for
     each model and input shapes (batch, cache length), which takes about a minute. The compiled
     step reads the model's own weights and KV cache where they are (user-managed constants,
     nothing copied) and is pointed at the new cache when generate() has made one."""
@@ -210,14 +210,14 @@ class ExportedStep:
         key = (lm, tuple(token.shape), tuple(attention_mask.shape))
         if key not in self.built:
             self.built[key] = self.build(lm, token, attention_mask, position, slot)
-        entry = self.built[key]
-        if lm.blocks[0].attn.cache.k is not entry[1]:  # setup_cache replaced every layer's cache
+        runner, cache_k, tensors = self.built[key]
+        if lm.blocks[0].attn.cache.k is not cache_k:  # setup_cache replaced every layer's cache
             caches = {f"lm.blocks.{i}.attn.cache.{n}": getattr(b.attn.cache, n)
                       for i, b in enumerate(lm.blocks) for n in "kv"}
-            entry[0].load_constants(caches, check_full_update=False, user_managed=True)
-            entry[1] = lm.blocks[0].attn.cache.k
-            entry[2].update(caches)  # kept alive while the runner points at them
-        return entry[0](token, attention_mask, position, slot)
+            runner.load_constants(caches, check_full_update=False, user_managed=True)
+            tensors.update(caches)  # kept alive while the runner points at them
+            self.built[key][1] = lm.blocks[0].attn.cache.k
+        return runner(token, attention_mask, position, slot)
 
     @staticmethod
     def build(lm, *args):
