@@ -51,8 +51,8 @@ def parse_args(argv=None):
                    help="the language model's weights (default: --dtype): int8 one scale per output channel, int4 "
                         "groups of 32 as llama.cpp's Q4_1 with the head in int8; activations stay --dtype")
     p.add_argument("--int8", action="store_true", help="= --weights int8")
-    p.add_argument("--compile", action="store_true", help="compile the decode step (CUDA graphs on GPU) and the "
-                                                          "prefill; the first batch pays for the compilation (minutes)")
+    p.add_argument("--compile", action="store_true", help="compile the decode step (ahead of time on CPU, CUDA graphs "
+                                                          "on GPU) and the prefill; the first batch pays for it (minutes)")
     p.add_argument("--no_stream", action="store_true", help="print a single answer when done, not token by token")
     p.add_argument("--output", metavar="FILE", help="also write one JSON line per image")
     p.add_argument("--verbose", action="store_true", help="last line: prefill time, decode tokens/s, peak memory")
