@@ -174,13 +174,13 @@ def compile_generation(device):
     (same batch and cache_len each call): on CUDA captured as a CUDA graph ("reduce-overhead"), a
     batch-1 token is then one graph launch instead of ~1000 kernel launches; on a CPU compiled ahead
     of time (ExportedStep). The prefill is compiled apart with dynamic shapes, since prompt lengths vary."""
+    prefill = torch.compile(prefill_step, dynamic=True)
     if device.type == "cpu":
-        return torch.compile(prefill_step, dynamic=True), ExportedStep()
+        return prefill, ExportedStep()
     # mode="reduce-overhead" is triton.cudagraphs; the size asserts are ~430 Python checks a token
     # of what TorchDynamo's guards already checked
     options = {"size_asserts": False, "triton.cudagraphs": True}
-    step = torch.compile(decode_step, fullgraph=True, dynamic=False, options=options)
-    return torch.compile(prefill_step, dynamic=True), step
+    return prefill, torch.compile(decode_step, fullgraph=True, dynamic=False, options=options)
 
 
 class StepModule(nn.Module):
@@ -204,19 +204,18 @@ class ExportedStep:
     nothing copied) and is pointed at the new cache when generate() has made one."""
 
     def __init__(self):
-        self.built = {}  # (model, shapes) -> [runner, first cache tensor, the tensors it reads]
+        self.built = {}  # (model, shapes) -> (runner, the tensors it reads by name)
 
     def __call__(self, lm, token, attention_mask, position, slot):
         key = (lm, tuple(token.shape), tuple(attention_mask.shape))
         if key not in self.built:
             self.built[key] = self.build(lm, token, attention_mask, position, slot)
-        runner, cache_k, tensors = self.built[key]
-        if lm.blocks[0].attn.cache.k is not cache_k:  # setup_cache replaced every layer's cache
+        runner, tensors = self.built[key]
+        if lm.blocks[0].attn.cache.k is not tensors["lm.blocks.0.attn.cache.k"]:  # setup_cache made new caches
             caches = {f"lm.blocks.{i}.attn.cache.{n}": getattr(b.attn.cache, n)
                       for i, b in enumerate(lm.blocks) for n in "kv"}
             runner.load_constants(caches, check_full_update=False, user_managed=True)
             tensors.update(caches)  # kept alive while the runner points at them
-            self.built[key][1] = lm.blocks[0].attn.cache.k
         return runner(token, attention_mask, position, slot)
 
     @staticmethod
@@ -238,7 +237,7 @@ class ExportedStep:
             raise RuntimeError(f"ExportedStep: no tensor for the compiled step's constants {missing[:3]}")
         tensors = {name: tensors[name] if name in tensors else torch.tensor(next(iter(groups))) for name in names}
         runner.load_constants(tensors, check_full_update=True, user_managed=True)
-        return [runner, lm.blocks[0].attn.cache.k, tensors]
+        return runner, tensors
 
 
 def decode_layout(module):
