@@ -63,8 +63,8 @@ import torch  # noqa: E402
 
 import model as M  # noqa: E402
 from checkpoint import UserError, default_lm_path, load_tokenizer  # noqa: E402
-from inference import (Int8Linear, compile_generation, decode_layout, matvec_linears, quantize_int4,  # noqa: E402
-                       quantize_int8)
+from inference import (Int8Linear, compile_generation, decode_layout, huge_pages, matvec_linears,  # noqa: E402
+                       quantize_int4, quantize_int8)
 
 
 def parse_args(argv=None):
@@ -188,6 +188,8 @@ def bench_lm(args, device, results, rows):
         "int8": variants["int8"], "int4": variants["int4"]}
     if device.type == "cpu":  # as generate.py does (fp32 only; after the copies, which keep strides)
         decode_layout(ours)
+        for lm in {id(lm): lm for lm in [*variants.values(), *compiled.values()]}.values():
+            huge_pages(lm)
 
     def ours_gen(lm, n, fns=(None, None)):
         prefill, step = fns

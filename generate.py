@@ -24,7 +24,8 @@ import torch  # noqa: E402
 import checkpoint  # noqa: E402
 import model as M  # noqa: E402
 from checkpoint import UserError  # noqa: E402
-from inference import compile_generation, decode_layout, matvec_linears, quantize_int4, quantize_int8  # noqa: E402
+from inference import (compile_generation, decode_layout, huge_pages, matvec_linears, quantize_int4,  # noqa: E402
+                       quantize_int8)
 
 
 def parse_args(argv=None):
@@ -114,6 +115,8 @@ def load_model(args, device, dtype):
         vlm.lm.to(lm_dtype)
         if device.type == "cpu":
             decode_layout(vlm.lm)  # fp32 matrix-vector products stream faster transposed
+    if device.type == "cpu":
+        huge_pages(vlm)  # last: the weights stay where it puts them
     return vlm, proc
 
 

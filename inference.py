@@ -3,15 +3,38 @@ reference): weight-only int8 linears, a matrix-vector linear for compiled CPU de
 weight layout, and the compiled prefill / decode step (static KV cache; the step compiled ahead
 of time on CPUs, a CUDA graph on GPUs).
 """
+import ctypes
+import functools
+import os
 import warnings
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import LanguageModel, decode_step, prefill_step
+from model import KVCache, LanguageModel, decode_step, prefill_step
 
 AVX512 = torch.backends.cpu.get_cpu_capability() == "AVX512"  # ATen's and inductor's CPU kernels
+
+
+@functools.cache
+def cpu_kernels():
+    """Whether kernels.cpp's int4 product (torch.ops.picovlm.int4_matvec) is loaded: on CPUs with
+    AVX512-VNNI, built by torch's C++ extension loader on first use (~40 s, then cached)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            if "avx512_vnni" not in f.read():
+                return False
+        from torch.utils.cpp_extension import load
+        load("picovlm_kernels", [os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels.cpp")],
+             extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"], is_python_module=False)
+    except (OSError, RuntimeError) as e:  # no /proc (not Linux), or no C++ compiler / ninja
+        if not isinstance(e, FileNotFoundError):
+            warnings.warn(f"kernels.cpp did not build, int4 takes ATen's kernel: {str(e).splitlines()[0]}")
+        return False
+    # the output's shape, for torch.compile and torch.export
+    torch.library.register_fake("picovlm::int4_matvec", lambda x, weight, *_: x.new_empty(*x.shape[:-1], weight.shape[0]))
+    return True
 
 
 class Int8Linear(nn.Module):
@@ -55,10 +78,12 @@ class Int8Linear(nn.Module):
 class Int4Linear(nn.Module):
     """Weight-only int4 Linear for inference, in llama.cpp's Q4_1 scheme: each group of 32
     inputs of an output row has a scale d and an offset m, w = d*q + m with q in 0..15 (rounded to
-    nearest). ATen's kernels read the packed nibbles and convert them in registers, an eighth of
-    fp32's bytes; they take bf16 activations (fp32 ones run ~20x slower on CPU: docs/experiments.md).
-    The packed layout is the device's own (on CPU it even depends on the instruction set), so
-    quantize a model on the device it will run on; moving it afterwards is an error."""
+    nearest). On CPUs with AVX512-VNNI, kernels.cpp multiplies the nibbles as integers with the
+    activations rounded to int8 per group (llama.cpp's Q4_1 x Q8_1; fp16 d and m as Q4_1 keeps
+    them). Elsewhere ATen's kernels read the packed nibbles and convert them in registers; they take
+    bf16 activations (fp32 ones run ~20x slower on CPU: docs/experiments.md). Either way an eighth
+    of fp32's bytes. The packed layout is the device's own (ATen's CPU one even depends on the
+    instruction set), so quantize a model on the device it will run on; moving it is an error."""
 
     def __init__(self, linear, group_size=32):
         super().__init__()
@@ -67,13 +92,20 @@ class Int4Linear(nn.Module):
         g = w.view(N, K // group_size, group_size)
         low, high = g.amin(-1), g.amax(-1)
         scale = ((high - low) / 15).clamp(min=1e-12)
-        q = ((g - low[..., None]) / scale[..., None]).round().clamp(0, 15).to(torch.int32).view(N, K)
+        q = ((g - low[..., None]) / scale[..., None]).round().clamp(0, 15).to(torch.int32)
+        self.group_size, self.bias = group_size, linear.bias
+        self.own_kernel = not w.is_cuda and group_size == 32 and K % 64 == 0 and cpu_kernels()
+        if self.own_kernel:  # byte j of a group holds its inputs j (low nibble) and j + 16 (high)
+            self.register_buffer("weight", (q[..., :16] | q[..., 16:] << 4).to(torch.uint8).view(N, K // 2))
+            self.register_buffer("scale", scale.half())
+            self.register_buffer("offset", low.half())
+            return
+        q = q.view(N, K)
         if w.is_cuda:  # two nibbles a byte, then the tensor-core tiles of the CUDA kernel
             tiles = next(t for t in (8, 4, 2) if K % (16 * t) == 0)
             packed = torch.ops.aten._convert_weight_to_int4pack((q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8), tiles)
         else:
             packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2)
-        self.group_size, self.bias = group_size, linear.bias
         self.register_buffer("weight", packed)
         # ATen computes (q - 8) * scale + zero, so zero = m + 8d: [K / group, N, 2] in bf16
         self.register_buffer("scales_and_zeros", torch.stack([scale, low + 8 * scale], -1)
@@ -84,13 +116,20 @@ class Int4Linear(nn.Module):
         super()._apply(fn, recurse)
         if self.weight.device != device:
             raise RuntimeError(f"Int4Linear: packed for {device}: quantize on the device the model runs on")
-        self.scales_and_zeros = self.scales_and_zeros.to(torch.bfloat16)  # model.float() must leave them bf16
+        # model.float() must leave the kernels' scales as they are
+        if self.own_kernel:
+            self.scale, self.offset = self.scale.half(), self.offset.half()
+        else:
+            self.scales_and_zeros = self.scales_and_zeros.to(torch.bfloat16)
         return self
 
     def forward(self, x):
-        mm = torch.ops.aten._weight_int4pack_mm if x.is_cuda else torch.ops.aten._weight_int4pack_mm_for_cpu
-        y = mm(x.reshape(-1, x.shape[-1]).to(torch.bfloat16), self.weight, self.group_size, self.scales_and_zeros)
-        y = y.view(*x.shape[:-1], -1).to(x.dtype)
+        if self.own_kernel:
+            y = torch.ops.picovlm.int4_matvec(x.contiguous(), self.weight, self.scale, self.offset)
+        else:
+            mm = torch.ops.aten._weight_int4pack_mm if x.is_cuda else torch.ops.aten._weight_int4pack_mm_for_cpu
+            y = mm(x.reshape(-1, x.shape[-1]).to(torch.bfloat16), self.weight, self.group_size, self.scales_and_zeros)
+            y = y.view(*x.shape[:-1], -1).to(x.dtype)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
 
@@ -238,6 +277,35 @@ class ExportedStep:
         tensors = {name: tensors[name] if name in tensors else torch.tensor(next(iter(groups))) for name in names}
         runner.load_constants(tensors, check_full_update=True, user_managed=True)
         return runner, tensors
+
+
+def huge_pages(module):
+    """Copy the module's parameters and buffers (not KV caches) into one block of memory that Linux
+    backs with 2 MiB pages (transparent huge pages). Decoding streams every weight once a token;
+    with 4 KiB pages the TLB misses cost ~20% of the bandwidth on CPUs (docs/experiments.md). The
+    tensors keep their identity (`.data` is replaced), so call it before a step is compiled, which
+    reads the tensors where they are. Elsewhere (no madvise) the module is left as it is."""
+    try:
+        madvise = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return module
+    tensors = {id(t): t for m in module.modules() if not isinstance(m, KVCache)
+               for t in [*m._parameters.values(), *m._buffers.values()] if t is not None and t.device.type == "cpu"}
+    spans = [1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride())) if t.numel() else 0 for t in tensors.values()]
+    offsets, total = [], 0
+    for t, span in zip(tensors.values(), spans):
+        offsets.append(total)
+        total += -(-span * t.element_size() // 64) * 64  # 64-byte aligned, as the kernels like
+    page = 1 << 21
+    size = -(-total // page) * page
+    block = torch.empty(size + page, dtype=torch.uint8)
+    start = -block.data_ptr() % page
+    # before the first write, so the kernel faults the block in as huge pages
+    madvise(ctypes.c_void_p(block.data_ptr() + start), ctypes.c_size_t(size), 14)  # MADV_HUGEPAGE
+    for t, span, offset in zip(tensors.values(), spans, offsets):
+        new = block[start + offset:start + offset + span * t.element_size()].view(t.dtype).as_strided(t.shape, t.stride())
+        t.data = new.copy_(t)
+    return module
 
 
 def decode_layout(module):
