@@ -50,7 +50,8 @@ def parse_args(argv=None):
                         "--compile only the LM's weights take it: the arithmetic stays fp32)")
     p.add_argument("--weights", choices=["fp32", "bf16", "int8", "int4"], default=None,
                    help="the language model's weights (default: --dtype): int8 one scale per output channel, int4 "
-                        "groups of 32 as llama.cpp's Q4_1 with the head in int8; activations stay --dtype")
+                        "groups of 32 as llama.cpp's Q4_1 with the head in int8 (on CPUs with AVX512-VNNI its "
+                        "product is kernels.cpp, built on first use: ~40 s); activations stay --dtype")
     p.add_argument("--int8", action="store_true", help="= --weights int8")
     p.add_argument("--compile", action="store_true", help="compile the decode step (ahead of time on CPU, CUDA graphs "
                                                           "on GPU) and the prefill; the first batch pays for it (minutes)")

@@ -73,7 +73,10 @@ torch::Tensor int4_matvec(torch::Tensor x, torch::Tensor weight, torch::Tensor s
         const uint8_t* row = w + n * K / 2;
         const uint16_t *dn = d + n * G, *mn = m + n * G;
         __m512 acc = _mm512_setzero_ps();
-        __m128 offsets = _mm_setzero_ps();
+        for (int64_t g = 0; g < G; g += 16) {  // the offsets: sum over groups of m * (sum of x)
+          const __mmask16 k = G - g >= 16 ? 0xFFFF : (__mmask16)((1u << (G - g)) - 1);
+          acc = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, mn + g)), _mm512_maskz_loadu_ps(k, xt + g), acc);
+        }
         int64_t g = 0;
         for (; g + 4 <= G; g += 4) {  // 4 groups: 64 bytes of weights
           const __m512i v = _mm512_loadu_si512(row + g * 16);
@@ -85,7 +88,6 @@ torch::Tensor int4_matvec(torch::Tensor x, torch::Tensor weight, torch::Tensor s
           const __m512i s = _mm512_add_epi32(_mm512_slli_epi32(sa, 7), sb);  // 128 a + b
           const __m128 ds = _mm_mul_ps(_mm_cvtph_ps(_mm_loadl_epi64((const __m128i*)(dn + g))), _mm_loadu_ps(xs + g));
           acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_permutexvar_ps(lanes, _mm512_castps128_ps512(ds)), acc);
-          offsets = _mm_fmadd_ps(_mm_cvtph_ps(_mm_loadl_epi64((const __m128i*)(mn + g))), _mm_loadu_ps(xt + g), offsets);
         }
         float rest = 0;
         if (g < G) {  // 2 groups left: the same in 256-bit registers
@@ -98,11 +100,9 @@ torch::Tensor int4_matvec(torch::Tensor x, torch::Tensor weight, torch::Tensor s
           alignas(32) int32_t sums[8];
           _mm256_store_si256((__m256i*)sums, _mm256_add_epi32(_mm256_slli_epi32(sa, 7), sb));
           for (int i = 0; i < 2; i++)
-            rest += _cvtsh_ss(dn[g + i]) * xs[g + i] * (sums[4 * i] + sums[4 * i + 1] + sums[4 * i + 2] + sums[4 * i + 3])
-                    + _cvtsh_ss(mn[g + i]) * xt[g + i];
+            rest += _cvtsh_ss(dn[g + i]) * xs[g + i] * (sums[4 * i] + sums[4 * i + 1] + sums[4 * i + 2] + sums[4 * i + 3]);
         }
-        offsets = _mm_hadd_ps(offsets, offsets);
-        out[r * N + n] = _mm512_reduce_add_ps(acc) + _mm_cvtss_f32(_mm_hadd_ps(offsets, offsets)) + rest;
+        out[r * N + n] = _mm512_reduce_add_ps(acc) + rest;
       }
     }
   });
