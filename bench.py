@@ -63,8 +63,8 @@ import torch  # noqa: E402
 
 import model as M  # noqa: E402
 from checkpoint import UserError, default_lm_path, load_tokenizer  # noqa: E402
-from inference import (Int8Linear, compile_generation, decode_layout, huge_pages, matvec_linears,  # noqa: E402
-                       quantize_int4, quantize_int8)
+from inference import (Int8Linear, compile_generation, decode_layout, huge_pages, kernel_attention,  # noqa: E402
+                       matvec_linears, quantize_int4, quantize_int8)
 
 
 def parse_args(argv=None):
@@ -189,7 +189,7 @@ def bench_lm(args, device, results, rows):
     if device.type == "cpu":  # as generate.py does (fp32 only; after the copies, which keep strides)
         decode_layout(ours)
         for lm in {id(lm): lm for lm in [*variants.values(), *compiled.values()]}.values():
-            huge_pages(lm)
+            huge_pages(kernel_attention(lm))
 
     def ours_gen(lm, n, fns=(None, None)):
         prefill, step = fns

@@ -24,8 +24,8 @@ import torch  # noqa: E402
 import checkpoint  # noqa: E402
 import model as M  # noqa: E402
 from checkpoint import UserError  # noqa: E402
-from inference import (compile_generation, decode_layout, huge_pages, matvec_linears, quantize_int4,  # noqa: E402
-                       quantize_int8)
+from inference import (compile_generation, decode_layout, huge_pages, kernel_attention, matvec_linears,  # noqa: E402
+                       quantize_int4, quantize_int8)
 
 
 def parse_args(argv=None):
@@ -117,7 +117,7 @@ def load_model(args, device, dtype):
         if device.type == "cpu":
             decode_layout(vlm.lm)  # fp32 matrix-vector products stream faster transposed
     if device.type == "cpu":
-        huge_pages(vlm)  # last: the weights stay where it puts them
+        huge_pages(kernel_attention(vlm))  # last: the weights stay where it puts them
     return vlm, proc
 
 

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import KVCache, LanguageModel, decode_step, prefill_step
+from model import KVCache, LanguageModel, LMAttention, decode_step, prefill_step
 
 AVX512 = torch.backends.cpu.get_cpu_capability() == "AVX512"  # ATen's and inductor's CPU kernels
 
@@ -32,8 +32,9 @@ def cpu_kernels():
         if not isinstance(e, FileNotFoundError):
             warnings.warn(f"kernels.cpp did not build, int4 takes ATen's kernel: {str(e).splitlines()[0]}")
         return False
-    # the output's shape, for torch.compile and torch.export
+    # the outputs' shapes, for torch.compile and torch.export
     torch.library.register_fake("picovlm::int4_matvec", lambda x, weight, *_: x.new_empty(*x.shape[:-1], weight.shape[0]))
+    torch.library.register_fake("picovlm::one_query_attention", lambda q, *_: torch.empty_like(q, memory_format=torch.contiguous_format))
     return True
 
 
@@ -277,6 +278,17 @@ class ExportedStep:
         tensors = {name: tensors[name] if name in tensors else torch.tensor(next(iter(groups))) for name in names}
         runner.load_constants(tensors, check_full_update=True, user_managed=True)
         return runner, tensors
+
+
+def kernel_attention(module):
+    """The attention of a compiled CPU decode step, in every LMAttention inside `module`, through
+    kernels.cpp where it is built: one call a layer over the tokens so far, instead of two small
+    matrix products over the whole cache (docs/experiments.md)."""
+    if cpu_kernels():
+        for m in module.modules():
+            if isinstance(m, LMAttention):
+                m.one_query = torch.ops.picovlm.one_query_attention
+    return module
 
 
 def huge_pages(module):

@@ -109,10 +109,66 @@ torch::Tensor int4_matvec(torch::Tensor x, torch::Tensor weight, torch::Tensor s
   return shaped_like(y, x);
 }
 
+// softmax(q k^T / sqrt(D)) v for one query a head, a decode step's attention: q [B, H, 1, D], the
+// caches k, v [B, KV, L, D] (H / KV query heads share a cache head), mask [B, 1, 1, L] (true:
+// attend). Positions the mask hides are skipped, so the cost follows the tokens so far, not the
+// cache's length; one call a layer instead of two small matrix products (~37 us each in MKL).
+static __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+static __m512 load16(const at::BFloat16* p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+}
+
+template <typename T>
+static void attend(const float* q, const T* k, const T* v, const bool* mask, float* out,
+                   int64_t B, int64_t H, int64_t KV, int64_t L, int64_t D) {
+  at::parallel_for(0, B * H, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> p(L);
+    for (int64_t i = i0; i < i1; i++) {
+      const int64_t b = i / H, head = (b * KV + i % H / (H / KV)) * L * D;
+      const float* qi = q + i * D;
+      const bool* m = mask + b * L;
+      float top = -INFINITY, sum = 0, scale = 1 / std::sqrt((float)D);
+      for (int64_t l = 0; l < L; l++) {
+        if (!m[l]) continue;
+        __m512 s = _mm512_setzero_ps();
+        for (int64_t d = 0; d < D; d += 16) s = _mm512_fmadd_ps(_mm512_loadu_ps(qi + d), load16(k + head + l * D + d), s);
+        p[l] = _mm512_reduce_add_ps(s) * scale;
+        top = std::max(top, p[l]);
+      }
+      float* o = out + i * D;
+      std::fill(o, o + D, 0.f);
+      for (int64_t l = 0; l < L; l++) {
+        if (!m[l]) continue;
+        const float e = std::exp(p[l] - top);
+        sum += e;
+        for (int64_t d = 0; d < D; d += 16)
+          _mm512_storeu_ps(o + d, _mm512_fmadd_ps(_mm512_set1_ps(e), load16(v + head + l * D + d), _mm512_loadu_ps(o + d)));
+      }
+      for (int64_t d = 0; d < D; d++) o[d] /= sum;
+    }
+  });
+}
+
+torch::Tensor one_query_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor mask) {
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(3), KV = k.size(1), L = k.size(2);
+  TORCH_CHECK(q.size(2) == 1 && H % KV == 0 && D % 16 == 0 && k.is_contiguous() && v.is_contiguous() && k.scalar_type() == v.scalar_type()
+              && mask.numel() == B * L && mask.scalar_type() == torch::kBool);
+  auto qf = q.to(torch::kFloat).contiguous();
+  auto m = mask.contiguous();
+  auto out = torch::empty({B, H, 1, D}, torch::kFloat);
+  if (k.scalar_type() == torch::kFloat)
+    attend(qf.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(), m.data_ptr<bool>(), out.data_ptr<float>(), B, H, KV, L, D);
+  else
+    attend(qf.data_ptr<float>(), k.data_ptr<at::BFloat16>(), v.data_ptr<at::BFloat16>(), m.data_ptr<bool>(), out.data_ptr<float>(), B, H, KV, L, D);
+  return out.to(q.scalar_type());
+}
+
 TORCH_LIBRARY(picovlm, lib) {
   lib.def("int4_matvec(Tensor x, Tensor weight, Tensor scale, Tensor offset) -> Tensor");
+  lib.def("one_query_attention(Tensor q, Tensor k, Tensor v, Tensor mask) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(picovlm, CPU, lib) {
   lib.impl("int4_matvec", &int4_matvec);
+  lib.impl("one_query_attention", &one_query_attention);
 }

@@ -471,6 +471,7 @@ class LMAttention(nn.Module):
         self.qkv_sizes = [c.lm_heads * c.head_dim] + [c.lm_kv_heads * c.head_dim] * 2  # q, k, v (GQA)
         self.proj = nn.Linear(c.lm_heads * c.head_dim, c.lm_hidden, bias=False)
         self.cache = None
+        self.one_query = one_query_attention  # a compiled CPU decode step's (inference.py may swap in its kernel)
 
     def forward(self, x, cos, sin, mask, slots):
         B, T, _ = x.shape
@@ -481,7 +482,7 @@ class LMAttention(nn.Module):
         if slots is not None:
             k, v = self.cache.update(slots, k, v)
         if T == 1 and mask is not None and x.device.type == "cpu" and torch.compiler.is_compiling():
-            y = one_query_attention(q, k, v, mask)
+            y = self.one_query(q, k, v, mask)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                                enable_gqa=self.kv_heads != self.heads)

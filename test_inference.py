@@ -162,11 +162,11 @@ def greedy_up_to_ties(lm, ids, new, tol=0.01):
 @torch.no_grad()
 def test_compiled_int4_decoding_equals_eager():
     """The CPU decode step compiled ahead of time (ExportedStep; inductor keeps the int4 kernel,
-    kernels.cpp's or ATen's, in its graph) gives the eager tokens, which are uncached decoding's,
+    kernels.cpp's or ATen's, and kernels.cpp's attention in its graph) gives the eager tokens, which are uncached decoding's,
     on a tiny random LM. It reads the model's own tensors: a new KV cache and a weight changed in
     place after it was built are the ones it uses."""
     torch.manual_seed(0)
-    lm = inference.quantize_int4(tiny_vlm().lm)
+    lm = inference.kernel_attention(inference.quantize_int4(tiny_vlm().lm))  # eager decoding keeps SDPA
     ids = torch.randint(0, 300, (2, 7))
     want = lm.generate(ids, max_new_tokens=6, eos_token_id=-1, cache_len=16)
     _, step = inference.compile_generation(torch.device("cpu"))  # the step only: compiling takes long enough
@@ -194,15 +194,22 @@ def test_int8_loop_equals_dequantized_linear(monkeypatch):
 
 
 def test_one_query_attention_equals_sdpa():
-    """The compiled CPU decode step's attention (two matmuls) against SDPA with enable_gqa, batched,
-    with masked cache rows: max |diff| <= 1e-6 (outputs ~1)."""
+    """The compiled CPU decode step's attention, two matmuls (model.py) and kernels.cpp's where it is
+    built, against SDPA with enable_gqa, batched, with masked cache rows: max |diff| <= 1e-6 (outputs
+    ~1); the kernel with bf16 caches <= 0.02 (SDPA on the same bf16 numbers, in fp32)."""
     torch.manual_seed(0)
     for B, H, KV in ((1, 9, 3), (2, 4, 4), (3, 8, 2)):
-        q, k, v = torch.randn(B, H, 1, 16), torch.randn(B, KV, 40, 16), torch.randn(B, KV, 40, 16)
+        q, k, v = torch.randn(B, 1, H, 16).transpose(1, 2), torch.randn(B, KV, 40, 16), torch.randn(B, KV, 40, 16)
         mask = torch.rand(B, 1, 1, 40) > 0.3
         mask[..., 0] = True
         want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=H != KV)
         assert (M.one_query_attention(q, k, v, mask) - want).abs().max() <= 1e-6
+        if inference.cpu_kernels():
+            assert (torch.ops.picovlm.one_query_attention(q, k, v, mask) - want).abs().max() <= 1e-6
+            q, k, v = q.bfloat16(), k.bfloat16(), v.bfloat16()
+            want = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, enable_gqa=H != KV)
+            got = torch.ops.picovlm.one_query_attention(q, k, v, mask)
+            assert got.dtype == torch.bfloat16 and (got.float() - want).abs().max() <= 0.02
 
 
 # ----------------------------------------------------------------------------- GGUF export
