@@ -116,8 +116,8 @@ def load_model(args, device, dtype):
         vlm.lm.to(lm_dtype)
         if device.type == "cpu":
             decode_layout(vlm.lm)  # fp32 matrix-vector products stream faster transposed
-    if device.type == "cpu":
-        huge_pages(kernel_attention(vlm))  # last: the weights stay where it puts them
+    if device.type == "cpu":  # last: the weights stay where huge_pages puts them
+        huge_pages(kernel_attention(vlm) if args.compile else vlm)
     return vlm, proc
 
 
