@@ -1,7 +1,8 @@
 """What makes decoding fast, kept apart from what the model computes (model.py stays the
-reference): weight-only int8 linears, a matrix-vector linear for compiled CPU decoding, a CPU
-weight layout, and the compiled prefill / decode step (static KV cache; the step compiled ahead
-of time on CPUs, a CUDA graph on GPUs).
+reference): weight-only int8 and int4 linears (int4 through kernels.cpp on CPUs with
+AVX512-VNNI), a matrix-vector linear for compiled CPU decoding, CPU memory layouts (transposed
+weights, huge pages), kernels.cpp's attention, and the compiled prefill / decode step (static KV
+cache; the step compiled ahead of time on CPUs, a CUDA graph on GPUs).
 """
 import ctypes
 import functools
@@ -19,8 +20,9 @@ AVX512 = torch.backends.cpu.get_cpu_capability() == "AVX512"  # ATen's and induc
 
 @functools.cache
 def cpu_kernels():
-    """Whether kernels.cpp's int4 product (torch.ops.picovlm.int4_matvec) is loaded: on CPUs with
-    AVX512-VNNI, built by torch's C++ extension loader on first use (~40 s, then cached)."""
+    """Whether kernels.cpp's ops (torch.ops.picovlm: the int4 product, the decode step's attention)
+    are loaded: on CPUs with AVX512-VNNI, built by torch's C++ extension loader on first use (~40
+    s, then cached)."""
     try:
         with open("/proc/cpuinfo") as f:
             if "avx512_vnni" not in f.read():
@@ -30,7 +32,8 @@ def cpu_kernels():
              extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"], is_python_module=False)
     except (OSError, RuntimeError) as e:  # no /proc (not Linux), or no C++ compiler / ninja
         if not isinstance(e, FileNotFoundError):
-            warnings.warn(f"kernels.cpp did not build, int4 takes ATen's kernel: {str(e).splitlines()[0]}")
+            warnings.warn(f"kernels.cpp did not build (ATen's int4 kernel and model.py's attention instead): "
+                          f"{str(e).splitlines()[0]}")
         return False
     # the outputs' shapes, for torch.compile and torch.export
     torch.library.register_fake("picovlm::int4_matvec", lambda x, weight, *_: x.new_empty(*x.shape[:-1], weight.shape[0]))
@@ -80,8 +83,8 @@ class Int4Linear(nn.Module):
     """Weight-only int4 Linear for inference, in llama.cpp's Q4_1 scheme: each group of 32
     inputs of an output row has a scale d and an offset m, w = d*q + m with q in 0..15 (rounded to
     nearest). On CPUs with AVX512-VNNI, kernels.cpp multiplies the nibbles as integers with the
-    activations rounded to int8 per group (llama.cpp's Q4_1 x Q8_1; fp16 d and m as Q4_1 keeps
-    them). Elsewhere ATen's kernels read the packed nibbles and convert them in registers; they take
+    activations as integers too, two int8 numbers each per group (llama.cpp's Q4_1 x Q8_1 keeps
+    one; fp16 d and m as Q4_1 keeps them). Elsewhere ATen's kernels read the packed nibbles and convert them in registers; they take
     bf16 activations (fp32 ones run ~20x slower on CPU: docs/experiments.md). Either way an eighth
     of fp32's bytes. The packed layout is the device's own (ATen's CPU one even depends on the
     instruction set), so quantize a model on the device it will run on; moving it is an error."""

@@ -1,7 +1,8 @@
-// The int4 product of Int4Linear on CPUs with AVX512-VNNI (inference.py builds this file on first
-// use). Decoding reads every weight once a token, so the product must keep up with memory: the
-// nibbles are multiplied as integers, 64 a VNNI instruction, instead of being converted to floats
-// first as ATen's int4 kernel does (2.4x its speed on SmolLM2's layers: docs/experiments.md).
+// Two ops for decoding on CPUs with AVX512-VNNI (inference.py builds this file on first use).
+// int4_matvec, Int4Linear's product: decoding reads every weight once a token, so the product must
+// keep up with memory; the nibbles are multiplied as integers, 64 a VNNI instruction, instead of
+// being converted to floats first as ATen's int4 kernel does (2.4x its speed: docs/experiments.md).
+// one_query_attention, a compiled decode step's attention: one call a layer over the tokens so far.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
