@@ -84,9 +84,9 @@ class Int4Linear(nn.Module):
     inputs of an output row has a scale d and an offset m, w = d*q + m with q in 0..15 (rounded to
     nearest). On CPUs with AVX512-VNNI, kernels.cpp multiplies the nibbles as integers with the
     activations as integers too, two int8 numbers each per group (llama.cpp's Q4_1 x Q8_1 keeps
-    one; fp16 d and m as Q4_1 keeps them). Elsewhere ATen's kernels read the packed nibbles and convert them in registers; they take
-    bf16 activations (fp32 ones run ~20x slower on CPU: docs/experiments.md). Either way an eighth
-    of fp32's bytes. The packed layout is the device's own (ATen's CPU one even depends on the
+    one; fp16 d and m as Q4_1 keeps them). Elsewhere ATen's kernels read the packed nibbles and
+    convert them in registers; they take bf16 activations (fp32 ones run ~20x slower on CPU:
+    docs/experiments.md). Either way an eighth of fp32's bytes. The packed layout is the device's own (ATen's CPU one even depends on the
     instruction set), so quantize a model on the device it will run on; moving it is an error."""
 
     def __init__(self, linear, group_size=32):
@@ -129,7 +129,7 @@ class Int4Linear(nn.Module):
 
     def forward(self, x):
         if self.own_kernel:
-            y = torch.ops.picovlm.int4_matvec(x.contiguous(), self.weight, self.scale, self.offset)
+            y = torch.ops.picovlm.int4_matvec(x, self.weight, self.scale, self.offset)
         else:
             mm = torch.ops.aten._weight_int4pack_mm if x.is_cuda else torch.ops.aten._weight_int4pack_mm_for_cpu
             y = mm(x.reshape(-1, x.shape[-1]).to(torch.bfloat16), self.weight, self.group_size, self.scales_and_zeros)
@@ -306,20 +306,19 @@ def huge_pages(module):
         return module
     tensors = {id(t): t for m in module.modules() if not isinstance(m, KVCache)
                for t in [*m._parameters.values(), *m._buffers.values()] if t is not None and t.device.type == "cpu"}
-    spans = [1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride())) if t.numel() else 0 for t in tensors.values()]
-    offsets, total = [], 0
-    for t, span in zip(tensors.values(), spans):
-        offsets.append(total)
-        total += -(-span * t.element_size() // 64) * 64  # 64-byte aligned, as the kernels like
+    places, total = [], 0  # (tensor, byte offset, bytes its strides reach), 64-byte aligned
+    for t in tensors.values():
+        nbytes = (1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride()))) * t.element_size() if t.numel() else 0
+        places.append((t, total, nbytes))
+        total += -(-nbytes // 64) * 64
     page = 1 << 21
     size = -(-total // page) * page
     block = torch.empty(size + page, dtype=torch.uint8)
     start = -block.data_ptr() % page
     # before the first write, so the kernel faults the block in as huge pages
     madvise(ctypes.c_void_p(block.data_ptr() + start), ctypes.c_size_t(size), 14)  # MADV_HUGEPAGE
-    for t, span, offset in zip(tensors.values(), spans, offsets):
-        new = block[start + offset:start + offset + span * t.element_size()].view(t.dtype).as_strided(t.shape, t.stride())
-        t.data = new.copy_(t)
+    for t, offset, nbytes in places:
+        t.data = block[start + offset:start + offset + nbytes].view(t.dtype).as_strided(t.shape, t.stride()).copy_(t)
     return module
 
 

@@ -12,16 +12,6 @@
 #error "kernels.cpp needs AVX512-VNNI"
 #endif
 
-static float bf16_to_float(uint16_t v) { uint32_t b = (uint32_t)v << 16; float f; memcpy(&f, &b, 4); return f; }
-
-static std::vector<float> rows_as_float(const torch::Tensor& x) {
-  TORCH_CHECK(x.is_contiguous() && (x.scalar_type() == torch::kFloat || x.scalar_type() == torch::kBFloat16));
-  std::vector<float> v(x.numel());
-  if (x.scalar_type() == torch::kFloat) memcpy(v.data(), x.data_ptr<float>(), v.size() * 4);
-  else for (size_t i = 0; i < v.size(); i++) v[i] = bf16_to_float(((const uint16_t*)x.data_ptr<at::BFloat16>())[i]);
-  return v;
-}
-
 static torch::Tensor shaped_like(torch::Tensor y, const torch::Tensor& x) {
   auto shape = x.sizes().vec(); shape.back() = y.size(1);
   return y.view(shape).to(x.scalar_type());
@@ -37,14 +27,16 @@ static torch::Tensor shaped_like(torch::Tensor y, const torch::Tensor& x) {
 torch::Tensor int4_matvec(torch::Tensor x, torch::Tensor weight, torch::Tensor scale, torch::Tensor offset) {
   const int64_t K = x.size(-1), N = weight.size(0), G = K / 32, R = x.numel() / K;
   TORCH_CHECK(K % 64 == 0 && weight.size(1) == K / 2 && scale.size(1) == G && offset.size(1) == G);
-  std::vector<float> xf = rows_as_float(x), xstep(R * G), xsum(R * G);
+  auto xt = x.to(torch::kFloat).contiguous();  // the same tensor for contiguous fp32
+  const float* xf = xt.data_ptr<float>();
+  std::vector<float> xstep(R * G), xsum(R * G);
   // a and b ordered as the nibbles are read: per 128 inputs (4 groups; 64 at the end of a row of
   // 64 * odd inputs) the low halves of the groups, then their high halves
   std::vector<int8_t> xa(R * K), xb(R * K);
   at::parallel_for(0, R, 16, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; r++) {
       for (int64_t g = 0; g < G; g++) {
-        const float* v = xf.data() + r * K + g * 32;
+        const float* v = xf + r * K + g * 32;
         float amax = 0, sum = 0;
         for (int j = 0; j < 32; j++) { amax = std::max(amax, std::abs(v[j])); sum += v[j]; }
         const float inv = amax > 0 ? 127 / amax : 0;
