@@ -1,7 +1,7 @@
 """What makes decoding fast, kept apart from what the model computes (model.py stays the
 reference): weight-only int8 and int4 linears (int4 through kernels.cpp on CPUs with
-AVX512-VNNI), a matrix-vector linear for compiled CPU decoding, CPU memory layouts (transposed
-weights, huge pages), kernels.cpp's attention, and the compiled prefill / decode step (static KV
+AVX512-VNNI), a matrix-vector linear for compiled CPU decoding (bf16 weights through
+kernels.cpp), CPU memory layouts (transposed weights, huge pages), kernels.cpp's attention, and the compiled prefill / decode step (static KV
 cache; the step compiled ahead of time on CPUs, a CUDA graph on GPUs).
 """
 import ctypes
@@ -20,8 +20,8 @@ AVX512 = torch.backends.cpu.get_cpu_capability() == "AVX512"  # ATen's and induc
 
 @functools.cache
 def cpu_kernels():
-    """Whether kernels.cpp's ops (torch.ops.picovlm: the int4 product, the decode step's attention)
-    are loaded: on CPUs with AVX512-VNNI, built by torch's C++ extension loader on first use (~40
+    """Whether kernels.cpp's ops (torch.ops.picovlm: the int4 and bf16 products, the decode step's
+    attention) are loaded: on CPUs with AVX512-VNNI, built by torch's C++ extension loader on first use (~40
     s, then cached)."""
     try:
         with open("/proc/cpuinfo") as f:
@@ -32,11 +32,12 @@ def cpu_kernels():
              extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"], is_python_module=False)
     except (OSError, RuntimeError) as e:  # no /proc (not Linux), or no C++ compiler / ninja
         if not isinstance(e, FileNotFoundError):
-            warnings.warn(f"kernels.cpp did not build (ATen's int4 kernel and model.py's attention instead): "
+            warnings.warn(f"kernels.cpp did not build (ATen's int4 kernel, inductor's bf16 loop and model.py's attention instead): "
                           f"{str(e).splitlines()[0]}")
         return False
     # the outputs' shapes, for torch.compile and torch.export
     torch.library.register_fake("picovlm::int4_matvec", lambda x, weight, *_: x.new_empty(*x.shape[:-1], weight.shape[0]))
+    torch.library.register_fake("picovlm::bf16_matvec", lambda x, weight: x.new_empty(*x.shape[:-1], weight.shape[0]))
     torch.library.register_fake("picovlm::one_query_attention", lambda q, *_: torch.empty_like(q, memory_format=torch.contiguous_format))
     return True
 
@@ -188,8 +189,9 @@ class MatvecLinear(nn.Module):
     row about 2x the bandwidth of oneDNN's matrix-vector product on AVX2 CPUs (docs/experiments.md); the
     loop reads the weight once per row, so beyond ~4 rows the matmul wins. weight_dtype=
     torch.bfloat16 stores the weight in bf16, half the bytes, while the arithmetic stays fp32:
-    CPUs without native bf16 would emulate bf16 matmuls slowly. More rows (a prefill, a large
-    batch), and eager mode, where the product would be materialised, go through F.linear."""
+    CPUs without native bf16 would emulate bf16 matmuls slowly; where kernels.cpp is built its
+    product takes bf16 weights instead of inductor's loop. More rows (a prefill, a large batch),
+    and eager mode, where the product would be materialised, go through F.linear."""
 
     def __init__(self, linear, weight_dtype=None):
         super().__init__()
@@ -197,9 +199,13 @@ class MatvecLinear(nn.Module):
         # a tied LM head gets its own bf16 copy; the embedding table stays as it is
         self.weight = w if weight_dtype in (None, w.dtype) else nn.Parameter(w.detach().to(weight_dtype), False)
         self.bias = linear.bias
+        # kernels.cpp streamed SmolLM2's bf16 weights 1.3x faster than inductor's loop (docs/experiments.md)
+        self.own_kernel = self.weight.dtype == torch.bfloat16 and self.weight.shape[1] % 32 == 0 and cpu_kernels()
 
     def forward(self, x):
-        if compiled_few_rows(x):
+        if compiled_few_rows(x) and self.own_kernel and self.weight.dtype == torch.bfloat16:
+            y = torch.ops.picovlm.bf16_matvec(x, self.weight)
+        elif compiled_few_rows(x):
             y = matvec(x, self.weight).to(x.dtype)
         else:
             y = F.linear(x, self.weight.to(x.dtype))

@@ -109,14 +109,19 @@ def test_compiled_cpu_decoding_gives_the_same_answers(ckpt, images, capsys, dtyp
 
 
 def test_matvec_linear_equals_linear():
-    """MatvecLinear's compiled product for 1-4 rows (inductor's loop) against F.linear, fp32 and bf16
-    weights: the same sums in another order, max |diff| <= 1e-5 (outputs ~1). More rows (a
-    prefill) and eager calls go through F.linear itself: equal."""
+    """MatvecLinear's compiled product for 1-4 rows against F.linear, fp32 and bf16 weights (bf16:
+    inductor's loop, and kernels.cpp's product where it is built, also alone for 6 rows, which
+    read the weights in a group of 4 and of 2): the same sums in another order, max |diff| <= 1e-5
+    (outputs ~1). More rows (a prefill) and eager calls go through F.linear itself: equal."""
     torch.manual_seed(0)
     linear = torch.nn.Linear(64, 48)
     x, rows = torch.randn(3, 1, 64), torch.randn(2, 5, 64)
-    for weight_dtype in (None, torch.bfloat16):
+    for weight_dtype, own_kernel in ((None, False), (torch.bfloat16, False), (torch.bfloat16, True)):
         layer = inference.MatvecLinear(linear, weight_dtype)
+        assert layer.own_kernel == (weight_dtype is not None and inference.cpu_kernels())
+        if own_kernel and not layer.own_kernel:
+            continue
+        layer.own_kernel = own_kernel
         weight = linear.weight if weight_dtype is None else linear.weight.to(weight_dtype).float()
         compiled = torch.compile(layer, fullgraph=True, dynamic=False)
         with torch.no_grad():
@@ -125,7 +130,11 @@ def test_matvec_linear_equals_linear():
                 assert (compiled(x[:n]) - want[:n]).abs().max() <= 1e-5
             assert torch.equal(layer(x), want)
             assert torch.equal(layer(rows), torch.nn.functional.linear(rows, weight, linear.bias))
+        if own_kernel:
+            six = torch.randn(6, 64)
+            assert (torch.ops.picovlm.bf16_matvec(six, layer.weight) - six @ weight.T).abs().max() <= 1e-5
     assert layer.weight.dtype == torch.bfloat16 and inference.MatvecLinear(linear).weight is linear.weight
+    assert not inference.MatvecLinear(torch.nn.Linear(48, 8), torch.bfloat16).own_kernel  # 48 inputs: not whole lines
 
 
 def test_int8_scales_follow_the_module():
