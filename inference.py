@@ -1,8 +1,9 @@
 """What makes decoding fast, kept apart from what the model computes (model.py stays the
 reference): weight-only int8 and int4 linears (int4 through kernels.cpp on CPUs with
 AVX512-VNNI), a matrix-vector linear for compiled CPU decoding (bf16 weights through
-kernels.cpp), CPU memory layouts (transposed weights, huge pages), kernels.cpp's attention, and the compiled prefill / decode step (static KV
-cache; the step compiled ahead of time on CPUs, a CUDA graph on GPUs).
+kernels.cpp), CPU memory layouts (transposed weights, huge pages), kernels.cpp's attention, and
+the compiled prefill / decode step (static KV cache; the step compiled ahead of time on CPUs, a
+CUDA graph on GPUs).
 """
 import ctypes
 import functools
@@ -21,8 +22,8 @@ AVX512 = torch.backends.cpu.get_cpu_capability() == "AVX512"  # ATen's and induc
 @functools.cache
 def cpu_kernels():
     """Whether kernels.cpp's ops (torch.ops.picovlm: the int4 and bf16 products, the decode step's
-    attention) are loaded: on CPUs with AVX512-VNNI, built by torch's C++ extension loader on first use (~40
-    s, then cached)."""
+    attention) are loaded: on CPUs with AVX512-VNNI, built by torch's C++ extension loader on first
+    use (~40 s, then cached)."""
     try:
         with open("/proc/cpuinfo") as f:
             if "avx512_vnni" not in f.read():
@@ -32,8 +33,8 @@ def cpu_kernels():
              extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"], is_python_module=False)
     except (OSError, RuntimeError) as e:  # no /proc (not Linux), or no C++ compiler / ninja
         if not isinstance(e, FileNotFoundError):
-            warnings.warn(f"kernels.cpp did not build (ATen's int4 kernel, inductor's bf16 loop and model.py's attention instead): "
-                          f"{str(e).splitlines()[0]}")
+            warnings.warn(f"kernels.cpp did not build (ATen's int4 kernel, inductor's bf16 loop and model.py's "
+                          f"attention instead): {str(e).splitlines()[0]}")
         return False
     # the outputs' shapes, for torch.compile and torch.export
     torch.library.register_fake("picovlm::int4_matvec", lambda x, weight, *_: x.new_empty(*x.shape[:-1], weight.shape[0]))
