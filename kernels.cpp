@@ -138,7 +138,13 @@ torch::Tensor bf16_matvec(torch::Tensor x, torch::Tensor weight) {
   // step makes ~150 of them a token
   thread_local std::vector<float> xs;
   xs.resize(R * K);
-  for (int64_t i = 0; i < R * K; i++) xs[i / 32 * 32 + i % 2 * 16 + i % 32 / 2] = xf[i];
+  const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+  const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+  for (int64_t i = 0; i < R * K; i += 32) {
+    const __m512 a = _mm512_loadu_ps(xf + i), b = _mm512_loadu_ps(xf + i + 16);
+    _mm512_storeu_ps(xs.data() + i, _mm512_permutex2var_ps(a, even, b));
+    _mm512_storeu_ps(xs.data() + i + 16, _mm512_permutex2var_ps(a, odd, b));
+  }
   auto shape = x.sizes().vec(); shape.back() = N;
   auto y = torch::empty(shape, torch::kFloat);
   const uint16_t* w = (const uint16_t*)weight.data_ptr<at::BFloat16>();
