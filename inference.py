@@ -88,8 +88,9 @@ class Int4Linear(nn.Module):
     activations as integers too, two int8 numbers each per group (llama.cpp's Q4_1 x Q8_1 keeps
     one; fp16 d and m as Q4_1 keeps them). Elsewhere ATen's kernels read the packed nibbles and
     convert them in registers; they take bf16 activations (fp32 ones run ~20x slower on CPU:
-    docs/experiments.md). Either way an eighth of fp32's bytes. The packed layout is the device's own (ATen's CPU one even depends on the
-    instruction set), so quantize a model on the device it will run on; moving it is an error."""
+    docs/experiments.md). Either way an eighth of fp32's bytes. The packed layout is the device's
+    own (ATen's CPU one even depends on the instruction set), so quantize a model on the device it
+    will run on; moving it is an error."""
 
     def __init__(self, linear, group_size=32):
         super().__init__()
@@ -204,7 +205,7 @@ class MatvecLinear(nn.Module):
         self.own_kernel = self.weight.dtype == torch.bfloat16 and self.weight.shape[1] % 32 == 0 and cpu_kernels()
 
     def forward(self, x):
-        if compiled_few_rows(x) and self.own_kernel and self.weight.dtype == torch.bfloat16:
+        if compiled_few_rows(x) and self.own_kernel:
             y = torch.ops.picovlm.bf16_matvec(x, self.weight)
         elif compiled_few_rows(x):
             y = matvec(x, self.weight).to(x.dtype)

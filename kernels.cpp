@@ -13,9 +13,13 @@
 #error "kernels.cpp needs AVX512-VNNI"
 #endif
 
-static torch::Tensor shaped_like(torch::Tensor y, const torch::Tensor& x) {
-  auto shape = x.sizes().vec(); shape.back() = y.size(1);
-  return y.view(shape).to(x.scalar_type());
+// The ops compute in fp32: their output for x [..., K] is [..., N], handed back in x's dtype.
+static torch::Tensor rows_out(const torch::Tensor& x, int64_t N) {
+  auto shape = x.sizes().vec(); shape.back() = N;
+  return torch::empty(shape, torch::kFloat);
+}
+static torch::Tensor in_dtype_of(const torch::Tensor& y, const torch::Tensor& x) {
+  return x.scalar_type() == torch::kFloat ? y : y.to(x.scalar_type());
 }
 
 // x [..., K] times int4 weights in llama.cpp's Q4_1 scheme: w = scale * q + offset, q in 0..15, one
@@ -52,7 +56,7 @@ torch::Tensor int4_matvec(torch::Tensor x, torch::Tensor weight, torch::Tensor s
       }
     }
   });
-  auto y = torch::empty({R, N}, torch::kFloat);
+  auto y = rows_out(x, N);
   float* out = y.data_ptr<float>();
   const uint8_t* w = weight.data_ptr<uint8_t>();
   const uint16_t* d = (const uint16_t*)scale.data_ptr<at::Half>();
@@ -100,7 +104,7 @@ torch::Tensor int4_matvec(torch::Tensor x, torch::Tensor weight, torch::Tensor s
       }
     }
   });
-  return shaped_like(y, x);
+  return in_dtype_of(y, x);
 }
 
 // x [..., K] times bf16 weights [N, K] (fp32 arithmetic): MatvecLinear's product in a compiled
@@ -145,8 +149,7 @@ torch::Tensor bf16_matvec(torch::Tensor x, torch::Tensor weight) {
     _mm512_storeu_ps(xs.data() + i, _mm512_permutex2var_ps(a, even, b));
     _mm512_storeu_ps(xs.data() + i + 16, _mm512_permutex2var_ps(a, odd, b));
   }
-  auto shape = x.sizes().vec(); shape.back() = N;
-  auto y = torch::empty(shape, torch::kFloat);
+  auto y = rows_out(x, N);
   const uint16_t* w = (const uint16_t*)weight.data_ptr<at::BFloat16>();
   for (int64_t r = 0; r < R; r += 4) {
     const float* xr = xs.data() + r * K;
@@ -158,7 +161,7 @@ torch::Tensor bf16_matvec(torch::Tensor x, torch::Tensor weight) {
       default: bf16_rows<4>(xr, w, out, N, K);
     }
   }
-  return x.scalar_type() == torch::kFloat ? y : y.to(x.scalar_type());
+  return in_dtype_of(y, x);
 }
 
 // softmax(q k^T / sqrt(D)) v for one query a head, a decode step's attention: q [B, H, 1, D], the
@@ -212,7 +215,7 @@ torch::Tensor one_query_attention(torch::Tensor q, torch::Tensor k, torch::Tenso
     attend(qf.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(), m.data_ptr<bool>(), out.data_ptr<float>(), B, H, KV, L, D);
   else
     attend(qf.data_ptr<float>(), k.data_ptr<at::BFloat16>(), v.data_ptr<at::BFloat16>(), m.data_ptr<bool>(), out.data_ptr<float>(), B, H, KV, L, D);
-  return out.to(q.scalar_type());
+  return in_dtype_of(out, q);
 }
 
 TORCH_LIBRARY(picovlm, lib) {
