@@ -29,8 +29,10 @@ def cpu_kernels():
             if "avx512_vnni" not in f.read():
                 return False
         from torch.utils.cpp_extension import load
-        load("picovlm_kernels", [os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels.cpp")],
-             extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"], is_python_module=False)
+        path = load("picovlm_kernels", [os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels.cpp")],
+                    extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"], is_python_module=False)
+        # its C functions visible to the decode steps AOTInductor compiles and loads (ExportedStep)
+        ctypes.CDLL(path, mode=os.RTLD_GLOBAL | os.RTLD_NOLOAD)
     except (OSError, RuntimeError) as e:  # no /proc (not Linux), or no C++ compiler / ninja
         if not isinstance(e, FileNotFoundError):
             warnings.warn(f"kernels.cpp did not build (ATen's int4 kernel, inductor's bf16 loop and model.py's "
@@ -272,11 +274,17 @@ class ExportedStep:
     @staticmethod
     def build(lm, *args):
         module = StepModule(lm)
+        options = {"size_asserts": False, "aot_inductor.package_constants_in_so": False}
+        if cpu_kernels():  # kernels.cpp's ops called as C functions (aoti_torch_cpu_<op>), not through the dispatcher
+            ops = [torch.ops.picovlm.int4_matvec, torch.ops.picovlm.bf16_matvec, torch.ops.picovlm.one_query_attention]
+            options["aot_inductor.custom_ops_to_c_shims"] = {op.default: [
+                f"AOTITorchError aoti_torch_cpu_{op.__name__}("
+                + "".join(f"AtenTensorHandle {a.name}, " for a in op.default._schema.arguments) + "AtenTensorHandle* ret)"]
+                for op in ops}
         with warnings.catch_warnings():  # torch's own use of a deprecated pytree class
             warnings.simplefilter("ignore", FutureWarning)
             program = torch.export.export(module, args, strict=True)
-            path = torch._inductor.aoti_compile_and_package(program, inductor_configs={
-                "size_asserts": False, "aot_inductor.package_constants_in_so": False})
+            path = torch._inductor.aoti_compile_and_package(program, inductor_configs=options)
         runner = torch._inductor.aoti_load_package(path)
         tensors = dict(module.named_parameters(remove_duplicate=False)) | dict(module.named_buffers())
         tensors |= program.constants

@@ -6,6 +6,7 @@
 // one_query_attention, a compiled decode step's attention: one call a layer over the tokens so far.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <torch/csrc/inductor/aoti_torch/utils.h>
 #include <immintrin.h>
 #include <vector>
 
@@ -216,6 +217,22 @@ torch::Tensor one_query_attention(torch::Tensor q, torch::Tensor k, torch::Tenso
   else
     attend(qf.data_ptr<float>(), k.data_ptr<at::BFloat16>(), v.data_ptr<at::BFloat16>(), m.data_ptr<bool>(), out.data_ptr<float>(), B, H, KV, L, D);
   return in_dtype_of(out, q);
+}
+
+// The same ops as C functions for AOTInductor (inference.py's ExportedStep), which calls these
+// directly; without them each call goes through its proxy executor, which rebuilds the arguments
+// for the dispatcher (~1 us a call, 181 calls a SmolLM2 token: docs/experiments.md).
+static torch::Tensor& T(AtenTensorHandle h) { return *torch::aot_inductor::tensor_handle_to_tensor_pointer(h); }
+extern "C" {
+AOTITorchError aoti_torch_cpu_int4_matvec(AtenTensorHandle x, AtenTensorHandle w, AtenTensorHandle s, AtenTensorHandle o, AtenTensorHandle* ret) {
+  AOTI_TORCH_CONVERT_EXCEPTION_TO_ERROR_CODE({ *ret = torch::aot_inductor::new_tensor_handle(int4_matvec(T(x), T(w), T(s), T(o))); });
+}
+AOTITorchError aoti_torch_cpu_bf16_matvec(AtenTensorHandle x, AtenTensorHandle w, AtenTensorHandle* ret) {
+  AOTI_TORCH_CONVERT_EXCEPTION_TO_ERROR_CODE({ *ret = torch::aot_inductor::new_tensor_handle(bf16_matvec(T(x), T(w))); });
+}
+AOTITorchError aoti_torch_cpu_one_query_attention(AtenTensorHandle q, AtenTensorHandle k, AtenTensorHandle v, AtenTensorHandle m, AtenTensorHandle* ret) {
+  AOTI_TORCH_CONVERT_EXCEPTION_TO_ERROR_CODE({ *ret = torch::aot_inductor::new_tensor_handle(one_query_attention(T(q), T(k), T(v), T(m))); });
+}
 }
 
 TORCH_LIBRARY(picovlm, lib) {
