@@ -1,8 +1,9 @@
-// Three ops for decoding on CPUs with AVX512-VNNI (inference.py builds this file on first use).
+// Four ops for decoding on CPUs with AVX512-VNNI (inference.py builds this file on first use).
 // int4_matvec, Int4Linear's product: decoding reads every weight once a token, so the product must
 // keep up with memory; the nibbles are multiplied as integers, 64 a VNNI instruction, instead of
 // being converted to floats first as ATen's int4 kernel does (2.4x its speed: docs/experiments.md).
-// bf16_matvec, MatvecLinear's product for bf16 weights: the same streaming with fewer instructions.
+// bf16_matvec and int8_matvec, MatvecLinear's product for bf16 weights and Int8Linear's: the same
+// streaming with fewer instructions than inductor's loops.
 // one_query_attention, a compiled decode step's attention: one call a layer over the tokens so far.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -108,61 +109,84 @@ torch::Tensor int4_matvec(torch::Tensor x, torch::Tensor weight, torch::Tensor s
   return in_dtype_of(y, x);
 }
 
-// x [..., K] times bf16 weights [N, K] (fp32 arithmetic): MatvecLinear's product in a compiled
-// decode step. A 64-byte line of weights (32 inputs) becomes fp32 with one shift (its even inputs)
-// and one mask (its odd ones), which meet the activations, reordered to match once a call, in two
-// FMAs: 5 instructions a line where inductor's loop takes 11, which kept fewer lines in flight and
-// streamed 1.3x slower (docs/experiments.md). Up to 4 rows of x share each read of the weights.
-template <int R>
-static void bf16_rows(const float* x, const uint16_t* w, float* out, int64_t N, int64_t K) {
+// MatvecLinear's and Int8Linear's products in a compiled decode step: x [R, K] (fp32) times a
+// weight matrix streamed 64 bytes at a time, each line turned into L vectors of 16 fp32 weights by
+// `line`; up to 4 rows of x share each read of the weights. For one row 5 (bf16) and 12 (int8)
+// instructions a line where inductor's loops took ~11 and ~16, which kept fewer lines in flight and
+// streamed ~1.3x slower (docs/experiments.md). out[r, n] = sum * scale[n].
+template <int R, int L, typename Line>
+static void rows(const float* x, const char* w, const float* scale, float* out, int64_t N, int64_t K, Line line) {
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-    const __m512i high = _mm512_set1_epi32(0xFFFF0000);
     for (int64_t n = n0; n < n1; n++) {
-      const uint16_t* row = w + n * K;
-      __m512 even[R], odd[R];
-      for (int r = 0; r < R; r++) even[r] = odd[r] = _mm512_setzero_ps();
-      for (int64_t k = 0; k < K; k += 32) {
-        const __m512i v = _mm512_loadu_si512(row + k);
-        const __m512 we = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16)), wo = _mm512_castsi512_ps(_mm512_and_si512(v, high));
-        for (int r = 0; r < R; r++) {
-          even[r] = _mm512_fmadd_ps(we, _mm512_loadu_ps(x + r * K + k), even[r]);
-          odd[r] = _mm512_fmadd_ps(wo, _mm512_loadu_ps(x + r * K + k + 16), odd[r]);
-        }
+      const char* row = w + n * K / (16 * L) * 64;
+      __m512 acc[R][L];
+      for (int r = 0; r < R; r++) for (int l = 0; l < L; l++) acc[r][l] = _mm512_setzero_ps();
+      for (int64_t k = 0; k < K; k += 16 * L) {
+        __m512 v[L];
+        line(row + k / (16 * L) * 64, v);
+        for (int r = 0; r < R; r++)
+          for (int l = 0; l < L; l++) acc[r][l] = _mm512_fmadd_ps(v[l], _mm512_loadu_ps(x + r * K + k + 16 * l), acc[r][l]);
       }
-      for (int r = 0; r < R; r++) out[r * N + n] = _mm512_reduce_add_ps(_mm512_add_ps(even[r], odd[r]));
+      for (int r = 0; r < R; r++) {
+        for (int l = 1; l < L; l++) acc[r][0] = _mm512_add_ps(acc[r][0], acc[r][l]);
+        out[r * N + n] = _mm512_reduce_add_ps(acc[r][0]) * (scale ? scale[n] : 1.f);
+      }
     }
   });
 }
 
+template <int L, typename Line>
+static torch::Tensor matvec(const float* x, const torch::Tensor& like, const torch::Tensor& weight, const float* scale, Line line) {
+  const int64_t N = weight.size(0), K = like.size(-1), R = like.numel() / K;
+  TORCH_CHECK(K % (16 * L) == 0 && weight.size(1) == K && weight.is_contiguous());
+  auto y = rows_out(like, N);
+  const char* w = (const char*)weight.data_ptr();
+  for (int64_t r = 0; r < R; r += 4) {
+    const float* xr = x + r * K;
+    float* out = y.data_ptr<float>() + r * N;
+    switch (std::min<int64_t>(4, R - r)) {
+      case 1: rows<1, L>(xr, w, scale, out, N, K, line); break;
+      case 2: rows<2, L>(xr, w, scale, out, N, K, line); break;
+      case 3: rows<3, L>(xr, w, scale, out, N, K, line); break;
+      default: rows<4, L>(xr, w, scale, out, N, K, line);
+    }
+  }
+  return in_dtype_of(y, like);
+}
+
+// x [..., K] times bf16 weights [N, K]: a line (32 inputs) becomes fp32 with one shift (its even
+// inputs) and one mask (its odd ones), which meet the activations, reordered to match once a call.
 torch::Tensor bf16_matvec(torch::Tensor x, torch::Tensor weight) {
-  const int64_t K = x.size(-1), N = weight.size(0), R = x.numel() / K;
-  TORCH_CHECK(K % 32 == 0 && weight.size(1) == K && weight.is_contiguous() && weight.scalar_type() == torch::kBFloat16);
+  TORCH_CHECK(weight.scalar_type() == torch::kBFloat16);
   auto xt = x.to(torch::kFloat).contiguous();
   const float* xf = xt.data_ptr<float>();
   // per 32 inputs the 16 even ones, then the 16 odd ones; a buffer kept between calls, since the
   // step makes ~150 of them a token
   thread_local std::vector<float> xs;
-  xs.resize(R * K);
+  xs.resize(x.numel());
   const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
   const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
-  for (int64_t i = 0; i < R * K; i += 32) {
+  for (int64_t i = 0; i + 32 <= x.numel(); i += 32) {
     const __m512 a = _mm512_loadu_ps(xf + i), b = _mm512_loadu_ps(xf + i + 16);
     _mm512_storeu_ps(xs.data() + i, _mm512_permutex2var_ps(a, even, b));
     _mm512_storeu_ps(xs.data() + i + 16, _mm512_permutex2var_ps(a, odd, b));
   }
-  auto y = rows_out(x, N);
-  const uint16_t* w = (const uint16_t*)weight.data_ptr<at::BFloat16>();
-  for (int64_t r = 0; r < R; r += 4) {
-    const float* xr = xs.data() + r * K;
-    float* out = y.data_ptr<float>() + r * N;
-    switch (std::min<int64_t>(4, R - r)) {
-      case 1: bf16_rows<1>(xr, w, out, N, K); break;
-      case 2: bf16_rows<2>(xr, w, out, N, K); break;
-      case 3: bf16_rows<3>(xr, w, out, N, K); break;
-      default: bf16_rows<4>(xr, w, out, N, K);
-    }
-  }
-  return in_dtype_of(y, x);
+  const __m512i high = _mm512_set1_epi32(0xFFFF0000);
+  return matvec<2>(xs.data(), x, weight, nullptr, [&](const char* p, __m512* v) {
+    const __m512i line = _mm512_loadu_si512(p);
+    v[0] = _mm512_castsi512_ps(_mm512_slli_epi32(line, 16));
+    v[1] = _mm512_castsi512_ps(_mm512_and_si512(line, high));
+  });
+}
+
+// x [..., K] times int8 weights [N, K] with one fp32 scale per output (Int8Linear's absmax scheme):
+// a line is 64 inputs, 16 at a time sign-extended and converted.
+torch::Tensor int8_matvec(torch::Tensor x, torch::Tensor weight, torch::Tensor scale) {
+  TORCH_CHECK(weight.scalar_type() == torch::kChar && scale.scalar_type() == torch::kFloat && scale.numel() == weight.size(0));
+  auto xt = x.to(torch::kFloat).contiguous();
+  return matvec<4>(xt.data_ptr<float>(), x, weight, scale.contiguous().data_ptr<float>(), [](const char* p, __m512* v) {
+    for (int l = 0; l < 4; l++) v[l] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(p + 16 * l))));
+  });
 }
 
 // softmax(q k^T / sqrt(D)) v for one query a head, a decode step's attention: q [B, H, 1, D], the
@@ -230,6 +254,9 @@ AOTITorchError aoti_torch_cpu_int4_matvec(AtenTensorHandle x, AtenTensorHandle w
 AOTITorchError aoti_torch_cpu_bf16_matvec(AtenTensorHandle x, AtenTensorHandle w, AtenTensorHandle* ret) {
   AOTI_TORCH_CONVERT_EXCEPTION_TO_ERROR_CODE({ *ret = torch::aot_inductor::new_tensor_handle(bf16_matvec(T(x), T(w))); });
 }
+AOTITorchError aoti_torch_cpu_int8_matvec(AtenTensorHandle x, AtenTensorHandle w, AtenTensorHandle s, AtenTensorHandle* ret) {
+  AOTI_TORCH_CONVERT_EXCEPTION_TO_ERROR_CODE({ *ret = torch::aot_inductor::new_tensor_handle(int8_matvec(T(x), T(w), T(s))); });
+}
 AOTITorchError aoti_torch_cpu_one_query_attention(AtenTensorHandle q, AtenTensorHandle k, AtenTensorHandle v, AtenTensorHandle m, AtenTensorHandle* ret) {
   AOTI_TORCH_CONVERT_EXCEPTION_TO_ERROR_CODE({ *ret = torch::aot_inductor::new_tensor_handle(one_query_attention(T(q), T(k), T(v), T(m))); });
 }
@@ -239,10 +266,12 @@ TORCH_LIBRARY(picovlm, lib) {
   lib.def("int4_matvec(Tensor x, Tensor weight, Tensor scale, Tensor offset) -> Tensor");
   lib.def("one_query_attention(Tensor q, Tensor k, Tensor v, Tensor mask) -> Tensor");
   lib.def("bf16_matvec(Tensor x, Tensor weight) -> Tensor");
+  lib.def("int8_matvec(Tensor x, Tensor weight, Tensor scale) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(picovlm, CPU, lib) {
   lib.impl("int4_matvec", &int4_matvec);
   lib.impl("one_query_attention", &one_query_attention);
   lib.impl("bf16_matvec", &bf16_matvec);
+  lib.impl("int8_matvec", &int8_matvec);
 }

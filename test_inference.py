@@ -179,18 +179,26 @@ def test_compiled_int4_decoding_equals_eager():
 
 
 def test_int8_loop_equals_dequantized_linear(monkeypatch):
-    """Int8Linear's compiled product for 1-4 rows (inductor's loop, taken on AVX512 CPUs; forced
-    here so that any CPU checks it) against F.linear with the dequantized weight: the same sums in
-    another order, max |diff| <= 1e-5 (outputs ~0.5)."""
+    """Int8Linear's compiled product for 1-4 rows, kernels.cpp's where it is built and inductor's
+    loop (taken on AVX512 CPUs; forced here so that any CPU checks it), against F.linear with the
+    dequantized weight: the same sums in another order, max |diff| <= 1e-5 (outputs ~0.5). The op
+    alone for 6 rows (a group of 4, then of 2); a layer whose inputs are not whole 64s keeps the loop."""
     monkeypatch.setattr(inference, "AVX512", True)
     torch.manual_seed(0)
-    layer = inference.Int8Linear(torch.nn.Linear(64, 48))
-    x = torch.randn(3, 1, 64)
+    layer = inference.Int8Linear(torch.nn.Linear(128, 48))
+    assert layer.own_kernel == inference.cpu_kernels() and not inference.Int8Linear(torch.nn.Linear(96, 8)).own_kernel
+    x = torch.randn(6, 1, 128)
     want = F.linear(x, layer.weight.float() * layer.scale[:, None], layer.bias)
-    compiled = torch.compile(layer, fullgraph=True, dynamic=False)
     with torch.no_grad():
-        for n in (1, 3):
-            assert (compiled(x[:n]) - want[:n]).abs().max() <= 1e-5
+        for own_kernel in {False, layer.own_kernel}:
+            layer.own_kernel = own_kernel
+            torch._dynamo.reset()
+            compiled = torch.compile(layer, fullgraph=True, dynamic=False)
+            for n in (1, 3):
+                assert (compiled(x[:n]) - want[:n]).abs().max() <= 1e-5
+        if inference.cpu_kernels():
+            got = torch.ops.picovlm.int8_matvec(x, layer.weight, layer.scale) + layer.bias
+            assert (got - want).abs().max() <= 1e-5
 
 
 def test_one_query_attention_equals_sdpa():
