@@ -1,9 +1,9 @@
 """What makes decoding fast, kept apart from what the model computes (model.py stays the
 reference): weight-only int8 and int4 linears (through kernels.cpp on CPUs with AVX512-VNNI:
 int4 always, int8 in a compiled step), a matrix-vector linear for compiled CPU decoding (bf16
-weights through kernels.cpp), CPU memory layouts (transposed weights, huge pages), kernels.cpp's attention, and
-the compiled prefill / decode step (static KV cache; the step compiled ahead of time on CPUs, a
-CUDA graph on GPUs).
+weights through kernels.cpp), CPU memory layouts (transposed weights, huge pages), kernels.cpp's
+attention, and the compiled prefill / decode step (static KV cache; the step compiled ahead of
+time on CPUs, a CUDA graph on GPUs).
 """
 import ctypes
 import functools
@@ -22,8 +22,8 @@ AVX512 = torch.backends.cpu.get_cpu_capability() == "AVX512"  # ATen's and induc
 @functools.cache
 def cpu_kernels():
     """Whether kernels.cpp's ops (torch.ops.picovlm: the int4, int8 and bf16 products, the decode
-    step's attention) are loaded: on CPUs with AVX512-VNNI, built by torch's C++ extension loader on first
-    use (~40 s, then cached)."""
+    step's attention) are loaded: on CPUs with AVX512-VNNI, built by torch's C++ extension loader
+    on first use (~40 s, then cached)."""
     try:
         with open("/proc/cpuinfo") as f:
             if "avx512_vnni" not in f.read():
@@ -35,7 +35,7 @@ def cpu_kernels():
         ctypes.CDLL(path, mode=os.RTLD_GLOBAL | os.RTLD_NOLOAD)
     except (OSError, RuntimeError) as e:  # no /proc (not Linux), or no C++ compiler / ninja
         if not isinstance(e, FileNotFoundError):
-            warnings.warn(f"kernels.cpp did not build (ATen's int4 kernel, inductor's bf16 loop and model.py's "
+            warnings.warn(f"kernels.cpp did not build (ATen's int4 kernel, inductor's bf16 and int8 loops, model.py's "
                           f"attention instead): {str(e).splitlines()[0]}")
         return False
     # the outputs' shapes, for torch.compile and torch.export
