@@ -39,8 +39,7 @@ def cpu_kernels():
                           f"attention instead): {str(e).splitlines()[0]}")
         return False
     # the outputs' shapes, for torch.compile and torch.export
-    torch.library.register_fake("picovlm::int4_matvec", lambda x, weight, *_: x.new_empty(*x.shape[:-1], weight.shape[0]))
-    for op in ("bf16_matvec", "int8_matvec"):
+    for op in ("int4_matvec", "bf16_matvec", "int8_matvec"):
         torch.library.register_fake(f"picovlm::{op}", lambda x, weight, *_: x.new_empty(*x.shape[:-1], weight.shape[0]))
     torch.library.register_fake("picovlm::one_query_attention", lambda q, *_: torch.empty_like(q, memory_format=torch.contiguous_format))
     return True
