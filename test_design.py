@@ -477,7 +477,9 @@ def test_split_images_one_block_per_tile(tokenizer, mp_type):
 @torch.no_grad()
 def test_options_compile():
     """torch.compile'd image encoder and generation (inference.compile_generation: the prefill gets
-    the image blocks) equal eager with every option on (1e-5; tokens exact)."""
+    the image blocks) equal eager with every option on (1e-5; tokens exact). A second caption
+    compiles nothing: building the step must not drop the compiled prefill (a strict torch.export
+    resets TorchDynamo's caches)."""
     import inference
     vlm = vlm_with(vision=dict(vit_stem="hmlp", vit_parallel_blocks=True), mp_type="attention_pool",
                    lm_image_attention="bidirectional")
@@ -487,3 +489,6 @@ def test_options_compile():
     prefill, step = inference.compile_generation(torch.device("cpu"))
     want = vlm.generate(ids, px, max_new_tokens=6, eos_token_id=-1)
     assert vlm.generate(ids, px, max_new_tokens=6, eos_token_id=-1, prefill=prefill, step=step).tolist() == want.tolist()
+    frames = torch._dynamo.utils.counters["frames"]["ok"]
+    assert vlm.generate(ids, px, max_new_tokens=6, eos_token_id=-1, prefill=prefill, step=step).tolist() == want.tolist()
+    assert torch._dynamo.utils.counters["frames"]["ok"] == frames
