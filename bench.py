@@ -114,7 +114,7 @@ def timed(fn, device):
 def alternate(runs, reps, device, warmup=1):
     """runs: {name: fn() -> seconds}. Warm each up, then run them in turn `reps` times, the order
     rotated every round, so that no contestant always runs right after the same other one (whose
-    leftovers in caches and allocator could slow it). -> {name: median seconds}."""
+    leftovers in caches and allocator could slow it). -> {name: [seconds, one a round]}."""
     for fn in runs.values():
         for _ in range(warmup):
             fn()
@@ -123,13 +123,17 @@ def alternate(runs, reps, device, warmup=1):
     for r in range(reps):
         for name in names[r % len(names):] + names[:r % len(names)]:
             times[name].append(runs[name]())
+    return times
+
+
+def medians(times):
     return {name: statistics.median(t) for name, t in times.items()}
 
 
 def memory_bandwidth(device):
     """Read bandwidth (bytes/s): summing a tensor far larger than the caches."""
     x = torch.ones(2 ** (28 if device.type == "cuda" else 26), device=device)  # 1 GiB / 256 MiB
-    seconds = alternate({"sum": lambda: timed(x.sum, device)}, 5, device)["sum"]
+    seconds = statistics.median(alternate({"sum": lambda: timed(x.sum, device)}, 5, device)["sum"])
     return x.numel() * x.element_size() / seconds
 
 
@@ -228,17 +232,22 @@ def bench_lm(args, device, results, rows):
             except Exception as e:  # a compiler failure must not cost the other numbers
                 print(f"--compile {kind} decode skipped: {type(e).__name__}: {str(e)[:300]}")
         t0 = time.perf_counter()
-        decode = alternate(runs, args.reps, device)
-        rate = {k: n_new / v for k, v in decode.items()}
+        rounds = alternate(runs, args.reps, device)
+        rate = {k: n_new / v for k, v in medians(rounds).items()}
         print(f"decode: {n_new} tokens, {args.reps} alternating runs ({time.perf_counter() - t0:.0f} s)")
 
         bw = memory_bandwidth(device)
         limits = {k: bw / bytes_per_token(v) for k, v in variants.items()}
+        # picoVLM's fastest run of each format against llama.cpp's type of the same bytes: the median
+        # of the rounds' ratios, since both sides of a round met the same load on a shared host
+        versus_llama = {}
+        for kind in (k.split()[1] for k in rate if k.startswith("llama.cpp")):
+            mine = max((m for m in rate if m.startswith(f"picoVLM {LLAMA_CPP_TYPES[kind]}")), key=rate.get)
+            versus_llama[kind] = statistics.median(t / o for t, o in zip(rounds[f"llama.cpp {kind}"], rounds[mine]))
         for k, v in rate.items():
             kind = k.split()[1]
             if k.startswith("llama.cpp"):  # next to the picoVLM format of (about) the same bytes per weight
-                mine = [r for m, r in rate.items() if m.startswith(f"picoVLM {LLAMA_CPP_TYPES[kind]}")]
-                note = f"picoVLM {LLAMA_CPP_TYPES[kind]}'s best: {max(mine) / v:.2f}x this"
+                note = f"picoVLM {LLAMA_CPP_TYPES[kind]}'s best: {versus_llama[kind]:.2f}x this"
             else:
                 note = f"{v / limits[kind]:.0%} of {limits[kind]:.0f}" if k.startswith("picoVLM") else ""
             rows.append(("decode tokens/s", k, f"{v:.1f}", f"{v / rate['transformers fp32']:.2f}x", note))
@@ -251,6 +260,7 @@ def bench_lm(args, device, results, rows):
                        decode_best_tokens_per_s=rate[best], decode_best_mode=best.removeprefix("picoVLM "))
         if args.vs_llama_cpp:
             results["llama_cpp_tokens_per_s"] = {k.split()[1]: v for k, v in rate.items() if k.startswith("llama.cpp")}
+            results["decode_vs_llama_cpp"] = versus_llama
         for kind in compiled:  # vs transformers fp32 (on CUDA bf16 vs transformers bf16)
             if f"picoVLM {kind} --compile" in rate:
                 ref_kind = "transformers bf16" if device.type == "cuda" else "transformers fp32"
@@ -262,7 +272,7 @@ def bench_lm(args, device, results, rows):
                 "picoVLM fp32": lambda: timed(lambda: ours(prefill_ids), device)}
         for k in ("bf16", "int8", "int4") if bf16_is_native(device) or args.smoke else ():
             runs[f"picoVLM {k}"] = lambda m=variants[k]: timed(lambda: m(prefill_ids), device)
-        prefill = alternate(runs, args.reps, device)
+        prefill = medians(alternate(runs, args.reps, device))
         for k, v in prefill.items():
             rows.append(("prefill 1x256 ms", k, f"{v * 1e3:.0f}", f"{prefill['transformers fp32'] / v:.2f}x", ""))
         results["prefill_speedup"] = prefill["transformers fp32"] / prefill["picoVLM fp32"]
@@ -381,7 +391,7 @@ def bench_train(args, device, results, rows):
     else:
         print("bf16 training step skipped: this CPU has no native bf16 matmul (no AVX512-BF16/AMX)")
     t0 = time.perf_counter()
-    train = alternate(runs, args.reps, device, warmup=0)  # all warmed up already
+    train = medians(alternate(runs, args.reps, device, warmup=0))  # all warmed up already
     print(f"training: {args.reps} alternating runs ({time.perf_counter() - t0:.0f} s)")
     for k, v in train.items():
         base = train.get("transformers bf16 autocast" if "bf16" in k else "transformers fp32")
@@ -412,7 +422,7 @@ def bench_mfu(args, device, results, rows):
     t0 = time.perf_counter()
     step()
     print(f"compiled training step: first call {time.perf_counter() - t0:.0f} s")
-    seconds = alternate({"step": lambda: timed(step, device)}, args.reps, device, warmup=2)["step"]
+    seconds = statistics.median(alternate({"step": lambda: timed(step, device)}, args.reps, device, warmup=2)["step"])
     flops = train_flops(cfg, rows_, length, supervised) / seconds
     mfu = flops / peak if peak else None
     rows.append((f"train {rows_}x{length} compiled", "picoVLM bf16 autocast", f"{seconds:.3f}", f"{flops / 1e12:.1f} TFLOP/s",
@@ -611,8 +621,13 @@ def main(argv=None):
         print("\nall sections:")
         print_table(rows, versus)
     results.update(seconds=time.perf_counter() - t0, load_average=os.getloadavg()[0], failed=failed)
-    print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in results.items()}))
+    print(json.dumps(rounded(results)))
     return 1 if failed else 0
+
+
+def rounded(v):
+    """Floats to 4 decimals, in nested dicts too (the JSON line)."""
+    return round(v, 4) if isinstance(v, float) else {k: rounded(x) for k, x in v.items()} if isinstance(v, dict) else v
 
 
 if __name__ == "__main__":
