@@ -34,8 +34,9 @@ Measured:
            built. bf16 autocast where bf16 is native.
 Runs of the contestants alternate (A B, B A, ...) and medians are reported, so a machine that
 slows down mid-run slows both. speedup = picoVLM speed / transformers speed (> 1: faster).
-The memory bandwidth is measured (sum of a large tensor), and the decode limit is that
-bandwidth / bytes of weights read per token. The last line is one JSON object.
+The memory bandwidth is measured (sum of a large tensor, once a round among the decode runs), and
+the decode limit is that bandwidth / bytes of weights read per token; a run's share of it and its
+ratio to llama.cpp are medians over the rounds of the round's own. The last line is one JSON object.
 
 On a CPU shared with other busy processes, OpenMP threads that spin-wait for each other slow
 everything down many times over, while threads that sleep at once slow decoding 2.6x
@@ -130,11 +131,11 @@ def medians(times):
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def memory_bandwidth(device):
-    """Read bandwidth (bytes/s): summing a tensor far larger than the caches."""
+def memory_read(device):
+    """(fn() -> seconds, bytes it reads): summing a tensor far larger than the caches, the read
+    bandwidth, timed among the decode runs so that it meets the same load on a shared host."""
     x = torch.ones(2 ** (28 if device.type == "cuda" else 26), device=device)  # 1 GiB / 256 MiB
-    seconds = statistics.median(alternate({"sum": lambda: timed(x.sum, device)}, 5, device)["sum"])
-    return x.numel() * x.element_size() / seconds
+    return lambda: timed(x.sum, device), x.numel() * x.element_size()
 
 
 def bytes_per_token(lm):
@@ -231,13 +232,18 @@ def bench_lm(args, device, results, rows):
                 print(f"{kind} decode step compiled in {time.perf_counter() - t0:.0f} s")
             except Exception as e:  # a compiler failure must not cost the other numbers
                 print(f"--compile {kind} decode skipped: {type(e).__name__}: {str(e)[:300]}")
+        runs["memory read"], read_bytes = memory_read(device)
         t0 = time.perf_counter()
         rounds = alternate(runs, args.reps, device)
+        bandwidth = [read_bytes / t for t in rounds.pop("memory read")]  # bytes/s, one a round
         rate = {k: n_new / v for k, v in medians(rounds).items()}
         print(f"decode: {n_new} tokens, {args.reps} alternating runs ({time.perf_counter() - t0:.0f} s)")
 
-        bw = memory_bandwidth(device)
+        bw = statistics.median(bandwidth)
         limits = {k: bw / bytes_per_token(v) for k, v in variants.items()}
+        # each run's share of its round's bandwidth limit, the median over the rounds
+        share = {k: statistics.median(n_new * bytes_per_token(variants[k.split()[1]]) / t / b for t, b in zip(v, bandwidth))
+                 for k, v in rounds.items() if k.startswith("picoVLM")}
         # picoVLM's fastest run of each format against llama.cpp's type of the same bytes: the median
         # of the rounds' ratios, since both sides of a round met the same load on a shared host
         versus_llama = {}
@@ -249,7 +255,7 @@ def bench_lm(args, device, results, rows):
             if k.startswith("llama.cpp"):  # next to the picoVLM format of (about) the same bytes per weight
                 note = f"picoVLM {LLAMA_CPP_TYPES[kind]}'s best: {versus_llama[kind]:.2f}x this"
             else:
-                note = f"{v / limits[kind]:.0%} of {limits[kind]:.0f}" if k.startswith("picoVLM") else ""
+                note = f"{share[k]:.0%} of {limits[kind]:.0f}" if k.startswith("picoVLM") else ""
             rows.append(("decode tokens/s", k, f"{v:.1f}", f"{v / rate['transformers fp32']:.2f}x", note))
         best = max((k for k in rate if k.startswith("picoVLM")), key=rate.get)
         results.update(memory_bandwidth_gb_s=bw / 1e9, bandwidth_limit_tokens_per_s=limits["fp32"],
