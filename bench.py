@@ -36,7 +36,8 @@ Runs of the contestants alternate (A B, B A, ...) and medians are reported, so a
 slows down mid-run slows both. speedup = picoVLM speed / transformers speed (> 1: faster).
 The memory bandwidth is measured (sum of a large tensor, once a round among the decode runs), and
 the decode limit is that bandwidth / bytes of weights read per token; a run's share of it and its
-ratio to llama.cpp are medians over the rounds of the round's own. The last line is one JSON object.
+ratio to llama.cpp are medians over the rounds of the round's own (torch's sum can read slower than
+the compiled decode loops, so a share above 100% happens). The last line is one JSON object.
 
 On a CPU shared with other busy processes, OpenMP threads that spin-wait for each other slow
 everything down many times over, while threads that sleep at once slow decoding 2.6x
