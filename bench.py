@@ -241,9 +241,10 @@ def bench_lm(args, device, results, rows):
         print(f"decode: {n_new} tokens, {args.reps} alternating runs ({time.perf_counter() - t0:.0f} s)")
 
         bw = statistics.median(bandwidth)
-        limits = {k: bw / bytes_per_token(v) for k, v in variants.items()}
+        weight_bytes = {k: bytes_per_token(v) for k, v in variants.items()}
+        limits = {k: bw / weight_bytes[k] for k in variants}
         # each run's share of its round's bandwidth limit, the median over the rounds
-        share = {k: statistics.median(n_new * bytes_per_token(variants[k.split()[1]]) / t / b for t, b in zip(v, bandwidth))
+        share = {k: statistics.median(n_new * weight_bytes[k.split()[1]] / t / b for t, b in zip(v, bandwidth))
                  for k, v in rounds.items() if k.startswith("picoVLM")}
         # picoVLM's fastest run of each format against llama.cpp's type of the same bytes: the median
         # of the rounds' ratios, since both sides of a round met the same load on a shared host
@@ -589,6 +590,11 @@ def print_table(rows, versus="vs transformers"):
         print(f"{what:<26} {who:<28} {value:>10} {speedup:>16}  {note}")
 
 
+def rounded(v):
+    """Floats to 4 decimals, in nested dicts too (the JSON line)."""
+    return round(v, 4) if isinstance(v, float) else {k: rounded(x) for k, x in v.items()} if isinstance(v, dict) else v
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -630,11 +636,6 @@ def main(argv=None):
     results.update(seconds=time.perf_counter() - t0, load_average=os.getloadavg()[0], failed=failed)
     print(json.dumps(rounded(results)))
     return 1 if failed else 0
-
-
-def rounded(v):
-    """Floats to 4 decimals, in nested dicts too (the JSON line)."""
-    return round(v, 4) if isinstance(v, float) else {k: rounded(x) for k, x in v.items()} if isinstance(v, dict) else v
 
 
 if __name__ == "__main__":
